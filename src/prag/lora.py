@@ -1,0 +1,127 @@
+"""The LoRA math, and nothing about documents.
+
+A document's parameters are, for every targeted FFN projection of every layer, a
+low-rank pair (A: r x in, B: out x r) whose delta to the weight is
+`scale * B @ A`. We keep them as plain tensors, stacked over layers:
+
+    adapter = {"gate_proj.A": (L, r, in), "gate_proj.B": (L, out, r), ...}
+
+Summing k documents' deltas is exact by concatenating along the rank
+dimension: [B_1 ... B_k] @ [A_1; ...; A_k] = sum_i B_i A_i. The projection then
+computes `W x + scale * B (A x)` with the request's A/B (`LoRALinear.forward`),
+so switching documents costs a few tensor assignments, never module surgery.
+During batched training, A and B carry one more leading dimension, one slice
+per example, so each sequence in a batch sees only its own document's LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+Adapter = dict[str, torch.Tensor]
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus an optional low-rank delta held as plain tensors."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.A: torch.Tensor | None = None  # (r, in), or (batch, r, in) for one delta per example
+        self.B: torch.Tensor | None = None  # (out, r), or (batch, out, r)
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.A is None:
+            return y
+        A, B = self.A.to(x.dtype), self.B.to(x.dtype)
+        if A.dim() == 2:
+            return y + self.scale * ((x @ A.T) @ B.T)
+        # per-example deltas: x is (batch, tokens, in)
+        return y + self.scale * torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+
+
+class LoRAModel:
+    """Handles to the LoRALinear layers put into a model's FFNs, by module name and layer."""
+
+    def __init__(self, model: nn.Module, target_modules: tuple[str, ...]):
+        self.target_modules = tuple(target_modules)
+        self.layers: dict[str, list[LoRALinear]] = {name: [] for name in self.target_modules}
+        for layer in find_decoder_layers(model):
+            mlp = layer.mlp
+            for name in self.target_modules:
+                module = getattr(mlp, name)
+                if not isinstance(module, LoRALinear):
+                    module = LoRALinear(module)
+                    setattr(mlp, name, module)
+                self.layers[name].append(module)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers[self.target_modules[0]])
+
+    def shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of one document's stacked adapter tensors at this rank."""
+        shapes = {}
+        for name, modules in self.layers.items():
+            base = modules[0].base
+            shapes[f"{name}.A"] = (len(modules), rank, base.in_features)
+            shapes[f"{name}.B"] = (len(modules), base.out_features, rank)
+        return shapes
+
+    def inject(self, adapter: Adapter, scale: float) -> None:
+        """Make every projection add `scale * B (A x)` with this adapter's tensors (views, no copies)."""
+        for name, modules in self.layers.items():
+            A, B = adapter[f"{name}.A"], adapter[f"{name}.B"]
+            for i, module in enumerate(modules):
+                # batched adapters are (L, batch, ...): index the layer, keep the batch dimension
+                module.A, module.B, module.scale = A[i], B[i], scale
+
+    def clear(self) -> None:
+        for modules in self.layers.values():
+            for module in modules:
+                module.A = module.B = None
+
+
+def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a Llama/Qwen2/Mistral-style model (each has an `mlp`)."""
+    for candidate in (getattr(model, "model", None), model):
+        layers = getattr(candidate, "layers", None)
+        if layers is not None and all(hasattr(layer, "mlp") for layer in layers):
+            return list(layers)
+    raise ValueError(f"{type(model).__name__}: no decoder layers with an `mlp` (gate/up/down) found")
+
+
+def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> Adapter:
+    """PEFT's default initialization (A kaiming-uniform, B zero), the same for every document."""
+    generator = torch.Generator().manual_seed(seed)
+    adapter = {}
+    for key, shape in shapes.items():
+        if key.endswith(".A"):
+            fan_in = shape[-1]
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) reduces to this bound
+            adapter[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        else:
+            adapter[key] = torch.zeros(shape)
+    return adapter
+
+
+def merge(adapters: list[Adapter]) -> Adapter:
+    """The exact sum of the adapters' deltas, as one adapter of the summed rank."""
+    if len(adapters) == 1:
+        return adapters[0]
+    return {key: torch.cat([a[key] for a in adapters], dim=1 if key.endswith(".A") else 2) for key in adapters[0]}
+
+
+def stack(adapters: list[Adapter]) -> Adapter:
+    """One adapter per example, for batched generation: (L, batch, r, in) / (L, batch, out, r)."""
+    return {key: torch.stack([a[key] for a in adapters], dim=1) for key in adapters[0]}
+
+
+def delta(adapter: Adapter, name: str, layer: int, scale: float) -> torch.Tensor:
+    """The dense weight delta `scale * B @ A` of one projection (for tests and export checks)."""
+    return scale * adapter[f"{name}.B"][layer].float() @ adapter[f"{name}.A"][layer].float()

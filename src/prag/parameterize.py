@@ -1,0 +1,155 @@
+"""Turning documents into LoRAs: training sequences from the augmentation, then batched training.
+
+Training follows the reference recipe (per document: batch size 1, AdamW, one
+pass over its sequences) but runs many documents in one forward/backward pass:
+example j of the batch is the current sequence of document j and sees only
+document j's LoRA (per-example A/B, see `lora.py`). The loss is the SUM of the
+documents' own mean token losses, so each document's gradient is exactly what
+it would get alone, and `BatchedAdamW` updates a document only on steps where
+it had a sequence. Sequences are padded to the batch's longest, not to a fixed
+length; with causal attention right padding never changes the real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .augment import Augmentation
+from .config import AnswerConfig, LoRAConfig, TrainConfig
+from .corpus import Passage
+from .llm import LLM
+from .lora import Adapter, LoRAModel, init_adapter
+from .prompt import question_prompt
+
+IGNORE = -100
+
+
+@dataclass
+class Sequence:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def training_sequences(
+    llm: LLM, passage: Passage, augmentation: Augmentation, train: TrainConfig, answer: AnswerConfig
+) -> list[Sequence]:
+    """The reference's layout: the first half of the QA pairs with the passage and with each rewrite
+    in the prompt, the rest with the question alone; the reply is '<lead-in> <answer>.'"""
+    texts = [passage.contents] + augmentation.rewrites
+    with_passage = (len(augmentation.qa) + 1) // 2
+    sequences = []
+    for i, qa in enumerate(augmentation.qa):
+        contexts = [[t] for t in texts] if i < with_passage else [[]]
+        for context in contexts:
+            prompt = llm.chat(question_prompt(qa["question"], context), answer.lead_in)
+            reply = llm.tokenizer.encode(" " + qa["answer"].strip().rstrip(".") + ".", add_special_tokens=False)
+            ids = (prompt + reply)[: train.max_length]
+            labels = ids if train.loss_on == "all" else [IGNORE] * len(prompt) + reply
+            sequences.append(Sequence(ids, labels[: len(ids)]))
+    return sequences
+
+
+class BatchedAdamW:
+    """AdamW over parameters stacked along dim 1 (documents), stepping only the active documents.
+
+    Adam is elementwise, so one stacked tensor gives each document exactly the update that
+    torch.optim.AdamW would give it alone, provided idle documents are left untouched (a plain
+    optimizer would still move them with their momentum).
+    """
+
+    def __init__(self, params: list[torch.Tensor], lr: float, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.wd, self.betas, self.eps = params, lr, weight_decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.steps = torch.zeros(params[0].shape[1])
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.steps += active.float()
+        t = self.steps.clamp(min=1)
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            shape = (1, -1) + (1,) * (p.dim() - 2)
+            on = active.view(shape)
+            g = p.grad
+            m.copy_(torch.where(on, b1 * m + (1 - b1) * g, m))
+            v.copy_(torch.where(on, b2 * v + (1 - b2) * g * g, v))
+            step_size = (self.lr / (1 - b1**t)).view(shape)
+            denom = (v.sqrt() / (1 - b2**t).sqrt().view(shape)) + self.eps
+            decayed = p * (1 - self.lr * self.wd)
+            p.copy_(torch.where(on, decayed - step_size * m / denom, p))
+            p.grad = None
+
+
+def train_adapters(
+    llm: LLM,
+    lora_model: LoRAModel,
+    documents: list[list[Sequence]],
+    lora: LoRAConfig,
+    train: TrainConfig,
+    initial: Adapter | None = None,
+    show_progress: bool = True,
+) -> list[Adapter]:
+    """One trained adapter per document (given as its training sequences), in input order."""
+    shapes = lora_model.shapes(lora.rank)
+    initial = initial if initial is not None else init_adapter(shapes, lora.init_seed)
+    results: list[Adapter] = []
+    total_steps = sum(len(seqs) * train.epochs for seqs in documents)
+    bar = tqdm(total=total_steps, desc="train", unit="seq", disable=not show_progress)
+    for start in range(0, len(documents), train.docs_per_batch):
+        group = documents[start : start + train.docs_per_batch]
+        results += _train_group(llm, lora_model, group, lora, train, initial, bar)
+    bar.close()
+    return results
+
+
+def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adapter]:
+    n = len(group)
+    device = llm.device
+    # fp32 master weights, one slice per document, all starting from the same initialization
+    params = {
+        k: v.to(device, torch.float32).unsqueeze(1).repeat(1, n, *[1] * (v.dim() - 1)) for k, v in initial.items()
+    }
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = BatchedAdamW(list(params.values()), lr=train.lr, weight_decay=train.weight_decay)
+    schedules = [seqs * train.epochs for seqs in group]
+    try:
+        for step in range(max(len(s) for s in schedules)):
+            active = torch.tensor([step < len(s) for s in schedules])
+            rows = active.nonzero().flatten()
+            batch = [schedules[j][step] for j in rows.tolist()]
+            lora_model.inject({k: p[:, rows] for k, p in params.items()}, lora.scale)
+            loss = sequence_losses(llm, batch).sum()
+            loss.backward()
+            optimizer.step(active.to(device))
+            bar.update(len(batch))
+    finally:
+        lora_model.clear()
+    return [{k: p[:, j].detach().to("cpu").clone() for k, p in params.items()} for j in range(n)]
+
+
+def sequence_losses(llm: LLM, batch: list[Sequence]) -> torch.Tensor:
+    """Each sequence's mean next-token loss over its labelled tokens (like HF's loss at batch size 1)."""
+    width = max(len(s.input_ids) for s in batch)
+    ids = torch.full((len(batch), width), llm.pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, s in enumerate(batch):
+        ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[row, : len(s.labels)] = torch.tensor(s.labels)
+        mask[row, : len(s.input_ids)] = 1
+    ids, labels, mask = ids.to(llm.device), labels.to(llm.device), mask.to(llm.device)
+    hidden = llm.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    # Only positions that predict a label go through the (large) vocabulary projection.
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    logits = llm.model.lm_head(hidden[:, :-1][keep]).float()
+    token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    per_row = torch.zeros(len(batch), device=llm.device).index_add(0, rows, token_loss)
+    return per_row / keep.sum(1).clamp(min=1)

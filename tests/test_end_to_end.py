@@ -1,0 +1,101 @@
+"""One real question through every mode with the real default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from prag import MODES, Config, Pipeline
+from prag.corpus import read_corpus
+from prag.prompt import question_prompt
+
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
+
+
+def test_every_mode_answers_a_real_question(default_llm, tmp_path):
+    config = Config()
+    config.answer.top_k = 2
+    pipeline = Pipeline(tmp_path / "home", config, llm=default_llm)
+    assert pipeline.index(DEMO / "corpus.jsonl", show_progress=False) == len(read_corpus(DEMO / "corpus.jsonl"))
+
+    question = "What is George Rankin's occupation?"
+    answers = {mode: pipeline.answer(question, mode) for mode in MODES}
+
+    retrieved = [p.title for p in answers["rag"].passages]
+    assert "George Rankin" in retrieved and len(retrieved) == 2
+    assert answers["closed"].passages == []
+    for mode, answer in answers.items():
+        assert answer.text and answer.short_answer, mode
+        assert answer.timings["generation"] > 0
+    for mode in ("prag", "combine"):
+        assert answers[mode].timings["load_merge"] > 0
+        assert [p.id for p in answers[mode].passages] == [p.id for p in answers["rag"].passages]
+    # lazily parameterized when first retrieved, then reused from the store
+    assert all(pipeline.adapters.has(p.id) for p in answers["prag"].passages)
+    for p in answers["prag"].passages:
+        aug = pipeline.augmentations.get(p.id)
+        assert aug.qa and all(qa["question"] and qa["answer"] for qa in aug.qa)
+    assert answers["prag"].timings["parameterize"] > answers["combine"].timings["parameterize"]
+
+    # the injected LoRAs really change the model: logits differ from the closed-book model
+    prompt = torch.tensor([default_llm.chat(question_prompt(question, []), config.answer.lead_in)])
+    with torch.no_grad():
+        base = default_llm.model(prompt).logits[0, -1]
+        from prag import lora
+
+        merged = lora.merge([pipeline.adapters.get(p.id) for p in answers["prag"].passages])
+        pipeline.lora_model.inject(merged, config.lora.scale)
+        injected = default_llm.model(prompt).logits[0, -1]
+        pipeline.lora_model.clear()
+    assert not torch.allclose(base, injected, atol=1e-3)
+
+
+def test_cli_index_ask_and_eval(tmp_path, monkeypatch, capsys):
+    """The command line end to end, on two demo questions in two modes (the model comes from the cache)."""
+    import json
+
+    from prag.cli import main
+
+    home = tmp_path / "home"
+    assert main(["index", str(DEMO / "corpus.jsonl"), "--home", str(home), "--quiet"]) == 0
+    assert main(["ask", "What is George Rankin's occupation?", "--mode", "rag", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert "answer:" in out and "George Rankin" in out and "timings:" in out
+    out_dir = tmp_path / "eval"
+    args = [
+        "eval",
+        "--dataset",
+        str(DEMO / "questions.jsonl"),
+        "--modes",
+        "closed,rag",
+        "--limit",
+        "2",
+        "--out",
+        str(out_dir),
+        "--home",
+        str(home),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["n"] == 2 and set(metrics["modes"]) == {"closed", "rag"}
+    assert 0 <= metrics["retrieval"]["recall@k"] <= 1
+    assert (out_dir / "report.md").exists() and len((out_dir / "predictions.jsonl").read_text().splitlines()) == 4
+    assert (
+        main(
+            [
+                "eval",
+                "--dataset",
+                str(DEMO / "questions.jsonl"),
+                "--modes",
+                "bogus",
+                "--out",
+                str(out_dir),
+                "--home",
+                str(home),
+            ]
+        )
+        == 2
+    )
+    assert "unknown mode" in capsys.readouterr().err

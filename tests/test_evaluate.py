@@ -1,0 +1,190 @@
+"""Tests for prag.evaluate: scoring, question loading, aggregation and result files (no model needed)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from prag.evaluate import (
+    Evaluation,
+    Question,
+    exact_match,
+    latency_summary,
+    load_questions,
+    normalize_answer,
+    recall_at_k,
+    token_f1,
+    write_results,
+)
+
+try:
+    from prag.corpus import Passage
+except ImportError:  # corpus module not written yet
+
+    def Passage(id: str, title: str, text: str) -> SimpleNamespace:
+        return SimpleNamespace(id=id, title=title, text=text)
+
+
+def test_normalize_answer():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert normalize_answer("An apple, a day.") == "apple day"
+    assert normalize_answer("theater") == "theater"  # articles only as whole words
+    assert normalize_answer("  U.S.A. ") == "usa"
+    assert normalize_answer("") == ""
+
+
+def test_exact_match():
+    assert exact_match("the Eiffel Tower.", ["Eiffel Tower"]) == 1.0
+    assert exact_match("Paris", ["London", "paris"]) == 1.0
+    assert exact_match("Paris, France", ["Paris"]) == 0.0
+    assert exact_match("x", []) == 0.0
+
+
+def test_token_f1():
+    assert token_f1("Paris", ["Paris"]) == 1.0
+    # pred {barack, obama, jr}, gold {barack, obama}: p=2/3, r=1 -> f1=0.8
+    assert token_f1("Barack Obama Jr", ["Barack Obama"]) == pytest.approx(0.8)
+    assert token_f1("Barack Obama Jr", ["Michelle", "Barack Obama"]) == pytest.approx(0.8)  # max over golds
+    assert token_f1("the cat", ["a cat!"]) == 1.0
+    assert token_f1("dog", ["cat"]) == 0.0
+    assert token_f1("the", ["an"]) == 1.0  # both empty after normalisation
+    assert token_f1("the", ["cat"]) == 0.0
+    assert token_f1("cat cat", ["cat"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # repeated tokens counted once
+
+
+def test_recall_at_k():
+    assert recall_at_k(["A", "B", "C"], ["A", "D"]) == 0.5
+    assert recall_at_k(["a "], ["A"]) == 1.0
+    assert recall_at_k([], ["A"]) == 0.0
+    assert recall_at_k(["A"], []) is None
+
+
+def test_latency_summary():
+    s = latency_summary([10.0, 20.0, 30.0, 40.0])
+    assert s == {"p50": 25.0, "p95": 38.5, "mean": 25.0}
+    assert latency_summary([]) == {"p50": 0.0, "p95": 0.0, "mean": 0.0}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+ROWS = [
+    {
+        "id": "q0",
+        "question": "Who?",
+        "golden_answers": ["Ann"],
+        "metadata": {"type": "bridge", "supporting_titles": ["T1", "T2"]},
+    },
+    {"id": "q1", "question": "What?", "golden_answers": ["x", "y"]},
+    {
+        "id": "q2",
+        "question": "When?",
+        "golden_answers": ["1999"],
+        "metadata": {"type": "comparison", "supporting_facts": {"title": ["T3", "T3", "T4"]}},
+    },
+]
+
+
+def test_load_questions_round_trip(tmp_path):
+    p = _write_jsonl(tmp_path / "d.jsonl", [ROWS[0], "", ROWS[1], ROWS[2]])
+    qs = load_questions(p)
+    assert qs[0] == Question("q0", "Who?", ["Ann"], "bridge", ["T1", "T2"])
+    assert qs[1] == Question("q1", "What?", ["x", "y"], None, [])
+    assert qs[2].supporting_titles == ["T3", "T4"]  # FlashRAG supporting_facts, deduplicated
+    assert [q.id for q in load_questions(p, limit=1, offset=1)] == ["q1"]
+    assert [q.id for q in load_questions(p, offset=2)] == ["q2"]
+    assert load_questions(p, limit=0) == []
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ({"id": "b", "golden_answers": ["a"]}, "'question'"),
+        ({"id": "b", "question": "  ", "golden_answers": ["a"]}, "'question'"),
+        ({"id": "b", "question": "q"}, "golden_answers"),
+        ({"id": "b", "question": "q", "golden_answers": []}, "golden_answers"),
+        ({"id": "b", "question": "q", "golden_answers": "a"}, "golden_answers"),
+        ({"id": "b", "question": "q", "golden_answers": ["a", 3]}, "golden_answers"),
+        ({"id": "b", "question": "q", "golden_answers": ["a"], "metadata": [1]}, "metadata"),
+    ],
+)
+def test_load_questions_errors(tmp_path, bad, msg):
+    p = _write_jsonl(tmp_path / "d.jsonl", [ROWS[0], "", bad])
+    with pytest.raises(ValueError, match=msg) as e:
+        load_questions(p)
+    assert f"{p}:3:" in str(e.value)
+
+
+def _answer(short, passages=(), **timings):
+    text = f"reasoning... {short}"
+    return SimpleNamespace(short_answer=short, text=text, passages=list(passages), timings=timings)
+
+
+def test_evaluation_and_write_results(tmp_path):
+    q0, q1, q2 = load_questions(_write_jsonl(tmp_path / "d.jsonl", ROWS))
+    pa, pb = Passage(id="1", title="T1", text="..."), Passage(id="2", title="T9", text="...")
+    ev = Evaluation()
+    rec = ev.add(q0, "closed", _answer("Bob", generation=0.1))
+    assert rec["passages"] == [] and rec["recall"] is None and rec["em"] == 0.0
+    assert rec["timings_ms"] == {"retrieval": 0.0, "load_merge": 0.0, "generation": 100.0, "total": 100.0}
+    ev.add(q1, "closed", _answer("x", generation=0.3))
+    ev.add(q2, "closed", _answer("in 1999", generation=0.2))
+    rec = ev.add(q0, "rag", _answer("Ann", [pa, pb], retrieval=0.01, generation=0.2))
+    assert rec["recall"] == 0.5
+    assert rec["passages"] == [{"id": "1", "title": "T1"}, {"id": "2", "title": "T9"}]
+    assert rec["timings_ms"]["total"] == 210.0 and rec["generation"] == "reasoning... Ann"
+    ev.add(q1, "rag", _answer("z", [pa], retrieval=0.01, generation=0.2))  # no supporting titles: skipped
+    ev.add(q2, "rag", _answer("1999", [pb], retrieval=0.01, generation=0.2))
+    # q0 retrieved again: counted once in recall@k
+    ev.add(q0, "prag", _answer("Ann", [pa], retrieval=0.01, load_merge=0.5, generation=0.2))
+
+    m = ev.metrics("toy", top_k=2, model="tiny", extra={"command": "prag eval"})
+    assert set(m) == {"dataset", "n", "top_k", "model", "retrieval", "modes", "command"}
+    assert (m["dataset"], m["n"], m["top_k"], m["model"]) == ("toy", 3, 2, "tiny")
+    assert m["retrieval"]["recall@k"] == pytest.approx((0.5 + 0.0) / 2)
+    assert list(m["modes"]) == ["closed", "rag", "prag"]
+    closed, rag, prag = m["modes"]["closed"], m["modes"]["rag"], m["modes"]["prag"]
+    assert set(closed) == {"em", "f1", "n", "latency_ms", "by_type"}
+    assert closed["n"] == 3 and closed["em"] == pytest.approx(1 / 3, abs=1e-4)
+    assert closed["f1"] == round((0 + 1 + 2 / 3) / 3, 4)  # "in 1999" vs "1999": p=1/2, r=1 -> 2/3
+    assert rag["em"] == round(2 / 3, 4) and prag == {**prag, "em": 1.0, "f1": 1.0, "n": 1}
+    lat = closed["latency_ms"]
+    assert (lat["p50"], lat["mean"]) == (200.0, 200.0)
+    assert set(lat["parts"]) == {"retrieval", "load_merge", "generation"}
+    assert prag["latency_ms"]["parts"]["load_merge"]["mean"] == 500.0 and prag["latency_ms"]["p95"] == 710.0
+    assert closed["by_type"] == {
+        "bridge": {"em": 0.0, "f1": 0.0, "n": 1},
+        "comparison": {"em": 0.0, "f1": round(2 / 3, 4), "n": 1},
+        "unknown": {"em": 1.0, "f1": 1.0, "n": 1},
+    }
+
+    out = tmp_path / "run"
+    write_results(out, m, ev.records, notes="prag eval --dataset toy")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "f1_by_mode.png",
+        "latency_by_mode.png",
+        "metrics.json",
+        "predictions.jsonl",
+        "report.md",
+    ]
+    assert json.loads((out / "metrics.json").read_text()) == m
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert preds == ev.records
+    for png in ("f1_by_mode.png", "latency_by_mode.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "# toy: n=3, top-k=2, model=tiny" in report and "recall@2: 0.2500" in report
+    assert "| rag | 0.6667 | 0.6667 | 210.0 | 210.0 | 10.0 | 0.0 | 200.0 |" in report
+    assert "| comparison | 0.6667 | 1.0000 | - |" in report
+    assert "![F1 by mode](f1_by_mode.png)" in report and "prag eval --dataset toy" in report
+
+
+def test_no_recall_when_no_supporting_titles():
+    q = Question("q", "?", ["a"], None, [])
+    ev = Evaluation()
+    ev.add(q, "rag", _answer("a", [Passage(id="1", title="T", text="")]))
+    assert ev.metrics("d", 1, "m")["retrieval"]["recall@k"] is None
