@@ -128,7 +128,11 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
     rejected = {p.id: Counter() for p in passages}
     fallback: dict[str, list[dict[str, str]]] = {p.id: [] for p in passages}  # valid but ungrounded pairs
     by_id = {p.id: p for p in passages}
-    bar = tqdm(total=len(passages) * config.attempts, desc="augment", unit="doc-round", disable=not show_progress)
+    bar = tqdm(total=len(passages), desc="augment", unit="doc", disable=not show_progress)
+
+    def complete(r: Augmentation) -> bool:
+        return len(r.rewrites) >= config.rewrites and len(r.qa) >= config.qa_pairs
+
     for attempt in range(config.attempts):
         rewrite_jobs = [p.id for p in passages for _ in range(config.rewrites - len(results[p.id].rewrites))]
         qa_jobs = [p.id for p in passages if len(results[p.id].qa) < config.qa_pairs]
@@ -154,9 +158,11 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
                     outputs = llm.generate(prompts, config.qa_tokens_per_pair * n, **sampling)
                     for doc_id, output in zip(batch, outputs, strict=True):
                         _accept_qa(output, by_id[doc_id], results[doc_id], rejected[doc_id], fallback[doc_id], config)
-        bar.update(len(passages))
-        if all(len(r.rewrites) >= config.rewrites and len(r.qa) >= config.qa_pairs for r in results.values()):
+                bar.n = sum(complete(r) for r in results.values())
+                bar.set_postfix(round=attempt + 1)
+        if all(complete(r) for r in results.values()):
             break
+    bar.n = len(passages)  # the rest are finished too: with fallbacks, or as complete as they will get
     bar.close()
     for doc_id, result in results.items():
         # Grounded pairs first; ungrounded ones only fill what is still missing after every attempt.

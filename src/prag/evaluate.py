@@ -9,16 +9,16 @@ from __future__ import annotations
 import collections
 import io
 import json
-import os
 import re
 import string
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .atomic import atomic_write_bytes
 
 PARTS = ("retrieval", "load_merge", "generation")
 _PUNCT = frozenset(string.punctuation)
@@ -215,18 +215,6 @@ class Evaluation:
 # ---------------------------------------------------------------- output
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
@@ -296,13 +284,13 @@ def write_results(out_dir: str | Path, metrics: dict, records: list[dict], notes
     """Write metrics.json, predictions.jsonl, report.md and two PNG plots, each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode())
     preds = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    _atomic_write(out / "predictions.jsonl", preds.encode())
+    atomic_write_bytes(out / "predictions.jsonl", preds.encode())
     f1_png, lat_png = _plots(metrics)
-    _atomic_write(out / "f1_by_mode.png", f1_png)
-    _atomic_write(out / "latency_by_mode.png", lat_png)
-    _atomic_write(out / "report.md", report_md(metrics, notes).encode())
+    atomic_write_bytes(out / "f1_by_mode.png", f1_png)
+    atomic_write_bytes(out / "latency_by_mode.png", lat_png)
+    atomic_write_bytes(out / "report.md", report_md(metrics, notes).encode())
 
 
 # ---------------------------------------------------------------- running

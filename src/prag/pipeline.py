@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import lora
+from .atomic import atomic_write_text
 from .augment import augment
 from .config import Config
 from .corpus import Passage, read_corpus
@@ -26,7 +27,7 @@ from .llm import LLM
 from .parameterize import train_adapters, training_sequences
 from .prompt import answer_done, question_prompt, short_answer
 from .retrieval import BM25Retriever, Retriever, load_retriever
-from .store import AdapterStore, AugmentationStore, atomic_write_text
+from .store import AdapterStore, AugmentationStore
 
 MODES = ("closed", "rag", "prag", "combine")
 
@@ -97,10 +98,7 @@ class Pipeline:
             return 0
         cfg = self.config
         self._meta_once()
-        fresh = [p for p in todo if not self.augmentations.has(p.id)]
-        for start in range(0, len(fresh), 4 * cfg.augment.batch_size):
-            for aug in augment(self.llm, fresh[start : start + 4 * cfg.augment.batch_size], cfg.augment, show_progress):
-                self.augmentations.put(aug)
+        self.augment_missing(todo, show_progress)
         bar = tqdm(total=len(todo), desc="parameterize", unit="doc", disable=not show_progress)
         for start in range(0, len(todo), cfg.train.docs_per_batch):
             group = todo[start : start + cfg.train.docs_per_batch]
@@ -113,6 +111,14 @@ class Pipeline:
             bar.update(len(group))
         bar.close()
         return len(todo)
+
+    def augment_missing(self, passages: list[Passage], show_progress: bool = True) -> None:
+        """Generate and store augmentations for the passages that have none, in chunks (so a crash keeps most)."""
+        fresh = [p for p in passages if not self.augmentations.has(p.id)]
+        chunk = 4 * self.config.augment.batch_size
+        for start in range(0, len(fresh), chunk):
+            for aug in augment(self.llm, fresh[start : start + chunk], self.config.augment, show_progress):
+                self.augmentations.put(aug)
 
     def _meta_once(self) -> None:
         meta = self.adapters.root / "meta.json"

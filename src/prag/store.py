@@ -18,34 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write, atomic_write_text
 from .augment import Augmentation
 from .lora import Adapter
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename the finished file to `path` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def doc_filename(doc_id: str) -> str:
@@ -71,11 +51,9 @@ class AugmentationStore:
 
 
 class AdapterStore:
-    def __init__(self, root: Path, dtype: str = "bfloat16", meta: dict | None = None):
+    def __init__(self, root: Path, dtype: str = "bfloat16"):
         self.root = Path(root)
         self.dtype = getattr(torch, dtype)
-        if meta is not None and not (self.root / "meta.json").exists():
-            atomic_write_text(self.root / "meta.json", json.dumps(meta, indent=2))
 
     @property
     def meta(self) -> dict:

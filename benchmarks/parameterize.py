@@ -1,0 +1,289 @@
+"""Offline parameterization and online injection: ours vs the reference approach, in one process.
+
+Three ways to turn the same documents (same model, augmentations, initialization
+and seeds) into LoRAs:
+
+1. reference-style: PEFT, one document at a time, batch 1, every sequence padded to
+   3000 tokens, fp32 (as the public PRAG scripts do);
+2. per-document PEFT loop: the same, without padding, in our dtype;
+3. ours: many documents per forward/backward pass with per-example LoRAs.
+
+It also times per-question load+merge at top-k (PEFT load_adapter x k +
+add_weighted_adapter(combination_type="cat") + unload, vs our memory-mapped
+store + concatenation + tensor injection), and question latency of `prag` vs
+`rag` mode. Prints a table of ratios and writes it as JSON.
+
+    python benchmarks/parameterize.py --home runs/bench --corpus ../shared/data/corpus.jsonl \
+        --questions ../shared/data/qa/popqa/dev.jsonl --docs 16 --peft-docs 4 --reference-docs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from prag import Config, Pipeline, lora
+from prag.evaluate import load_questions
+from prag.parameterize import IGNORE, train_adapters, training_sequences
+from prag.store import export_peft
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's dense matmul throughput (FLOP/s), the ceiling training is compared with."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def peft_train(model, init_dir: Path, documents, lr: float, weight_decay: float, pad_to: int | None, pad_id: int):
+    """The reference loop: per document load the shared init adapter, AdamW at batch 1, save, unload."""
+    from peft import PeftModel
+
+    adapters, out_root = [], Path(tempfile.mkdtemp(prefix="peft-bench-"))
+    for d, sequences in enumerate(documents):
+        peft_model = PeftModel.from_pretrained(model, init_dir, is_trainable=True)
+        optimizer = torch.optim.AdamW(
+            [p for p in peft_model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+        )
+        for seq in sequences:
+            ids, labels = list(seq.input_ids), list(seq.labels)
+            mask = [1] * len(ids)
+            if pad_to:
+                extra = pad_to - len(ids)
+                ids, labels, mask = ids + [pad_id] * extra, labels + [IGNORE] * extra, mask + [0] * extra
+            optimizer.zero_grad()
+            loss = peft_model(
+                input_ids=torch.tensor([ids]), attention_mask=torch.tensor([mask]), labels=torch.tensor([labels])
+            ).loss
+            loss.backward()
+            optimizer.step()
+        peft_model.save_pretrained(out_root / f"doc{d}")
+        adapters.append(out_root / f"doc{d}")
+        model = peft_model.unload()
+    return model, adapters
+
+
+def peft_to_ours(adapter_dir: Path, targets, num_layers: int) -> lora.Adapter:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    out = {}
+    for name in targets:
+        out[f"{name}.A"] = torch.stack(
+            [tensors[f"base_model.model.model.layers.{i}.mlp.{name}.lora_A.weight"] for i in range(num_layers)]
+        )
+        out[f"{name}.B"] = torch.stack(
+            [tensors[f"base_model.model.model.layers.{i}.mlp.{name}.lora_B.weight"] for i in range(num_layers)]
+        )
+    return out
+
+
+def peft_load_merge(model, dirs: list[Path]) -> float:
+    """Seconds for the reference's per-question PEFT path: load k adapters, cat-merge, activate, unload."""
+    from peft import PeftModel
+
+    t = time.perf_counter()
+    peft_model = PeftModel.from_pretrained(model, dirs[0], adapter_name="d0")
+    for i, d in enumerate(dirs[1:], 1):
+        peft_model.load_adapter(d, adapter_name=f"d{i}")
+    names = [f"d{i}" for i in range(len(dirs))]
+    peft_model.add_weighted_adapter(names, [1.0] * len(dirs), "merged", combination_type="cat")
+    peft_model.set_adapter("merged")
+    elapsed = time.perf_counter() - t
+    peft_model.unload()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--home", default="runs/bench")
+    parser.add_argument("--corpus", default="../shared/data/corpus.jsonl")
+    parser.add_argument("--questions", default="../shared/data/qa/popqa/dev.jsonl")
+    parser.add_argument("--docs", type=int, default=16, help="documents trained by our batched path")
+    parser.add_argument("--peft-docs", type=int, default=4, help="documents trained by the per-document PEFT loop")
+    parser.add_argument("--reference-docs", type=int, default=1, help="documents trained reference-style")
+    parser.add_argument("--latency-questions", type=int, default=20)
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--out", default="runs/bench/parameterize.json")
+    args = parser.parse_args()
+
+    config = Config()
+    pipeline = Pipeline(args.home, config)
+    if not (Path(args.home) / "index" / "retriever.json").exists():
+        pipeline.index(args.corpus, show_progress=False)
+    llm, lm = pipeline.llm, pipeline.lora_model
+    questions = load_questions(args.questions, limit=max(args.latency_questions, args.docs))
+    passages = list({p.id: p for q in questions for p in pipeline.retrieve(q.question, args.top_k)}.values())
+    passages = passages[: args.docs]
+
+    print(f"augmenting {len(passages)} documents (stored and reused across paths and runs)...")
+    pipeline.augment_missing(passages)
+    documents = [
+        training_sequences(llm, p, pipeline.augmentations.get(p.id), config.train, config.answer) for p in passages
+    ]
+    tokens_per_doc = statistics.mean(sum(len(s.input_ids) for s in seqs) for seqs in documents)
+    n_params = sum(p.numel() for p in llm.model.parameters())
+    dtype = llm.model.dtype
+    peak = matmul_flops(dtype)
+    results: dict = {
+        "model": config.model.name,
+        "dtype": str(dtype),
+        "docs": len(documents),
+        "tokens_per_doc": round(tokens_per_doc, 1),
+        "matmul_flops_peak": peak,
+    }
+
+    # 3. ours
+    init = lora.init_adapter(lm.shapes(config.lora.rank), config.lora.init_seed)
+    t = time.perf_counter()
+    ours = train_adapters(llm, lm, documents, config.lora, config.train, initial=init, show_progress=True)
+    ours_s = time.perf_counter() - t
+    train_tokens = tokens_per_doc * len(documents) * config.train.epochs
+    # forward 2*P*T plus backward to the activations 2*P*T (the frozen weights need no gradient)
+    results["ours"] = {
+        "docs_per_min": 60 * len(documents) / ours_s,
+        "tokens_per_s": train_tokens / ours_s,
+        "flops_fraction": 4 * n_params * train_tokens / ours_s / peak,
+    }
+
+    # The same fixed initialization, as a PEFT adapter directory for the PEFT paths.
+    init_dir = export_peft(init, Path(tempfile.mkdtemp(prefix="init-")), {"lora": config.to_dict()["lora"]}, "base")
+
+    # 2. per-document PEFT loop: batch 1, no padding, our dtype
+    base = llm.model
+    lm.clear()
+    _unwrap(base)
+    k = min(args.peft_docs, len(documents))
+    t = time.perf_counter()
+    base, peft_dirs = peft_train(
+        base, init_dir, documents[:k], config.train.lr, config.train.weight_decay, None, llm.pad_id
+    )
+    peft_s = time.perf_counter() - t
+    results["peft_loop"] = {"docs": k, "docs_per_min": 60 * k / peft_s, "tokens_per_s": tokens_per_doc * k / peft_s}
+    diffs = [
+        max(
+            (peft_to_ours(d, config.lora.target_modules, lm.num_layers)[key] - ours[i][key]).abs().max().item()
+            for key in ours[i]
+        )
+        for i, d in enumerate(peft_dirs)
+    ]
+    results["peft_loop"]["max_abs_diff_vs_ours"] = max(diffs)
+
+    # 1. reference-style: PEFT, batch 1, padded to 3000 tokens, fp32
+    r = min(args.reference_docs, len(documents))
+    if r:
+        base32 = base.float()
+        t = time.perf_counter()
+        base32, _ = peft_train(
+            base32, init_dir, documents[:r], config.train.lr, config.train.weight_decay, 3000, llm.pad_id
+        )
+        ref_s = time.perf_counter() - t
+        results["reference"] = {"docs": r, "docs_per_min": 60 * r / ref_s, "tokens_per_s": tokens_per_doc * r / ref_s}
+        base = base32.to(dtype)
+
+    # adapter bytes per document
+    results["adapter_bytes"] = {
+        "ours": pipeline.adapters.path(passages[0].id).stat().st_size
+        if pipeline.adapters.has(passages[0].id)
+        else None,
+        "peft_fp32": (peft_dirs[0] / "adapter_model.safetensors").stat().st_size,
+    }
+
+    # per-question load+merge at top-k
+    for p, adapter in zip(passages, ours, strict=True):
+        if not pipeline.adapters.has(p.id):
+            pipeline.adapters.put(p.id, adapter)
+    results["adapter_bytes"]["ours"] = pipeline.adapters.path(passages[0].id).stat().st_size
+    groups = [peft_dirs[i : i + args.top_k] for i in range(0, len(peft_dirs) - args.top_k + 1)] or [peft_dirs]
+    peft_times = [peft_load_merge(base, groups[i % len(groups)]) for i in range(5)]
+    lm = lora.LoRAModel(base, config.lora.target_modules)
+    pipeline._lora_model = lm
+    ids = [p.id for p in passages]
+
+    def ours_load_merge(i):
+        chosen = [ids[(i + j) % len(ids)] for j in range(args.top_k)]
+        t = time.perf_counter()
+        lm.inject(lora.merge([pipeline.adapters.get(d) for d in chosen]), config.lora.scale)
+        elapsed = time.perf_counter() - t
+        lm.clear()
+        return elapsed
+
+    ours_times = [ours_load_merge(i) for i in range(50)]
+    results["load_merge_ms"] = {
+        "peft": 1000 * statistics.median(peft_times),
+        "ours": 1000 * statistics.median(ours_times),
+    }
+
+    # question latency, prag vs rag, on questions whose documents are parameterized
+    latency = {"prag": [], "rag": []}
+    asked = 0
+    for q in questions:
+        if asked == args.latency_questions:
+            break
+        if not all(pipeline.adapters.has(p.id) for p in pipeline.retrieve(q.question, args.top_k)):
+            continue
+        asked += 1
+        for mode in latency:
+            answer = pipeline.answer(q.question, mode, args.top_k)
+            latency[mode].append(sum(answer.timings.values()) - answer.timings.get("parameterize", 0))
+    results["question_latency_ms"] = {m: 1000 * statistics.median(v) for m, v in latency.items() if v}
+    results["question_latency_ms"]["questions"] = asked
+
+    report(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+def _unwrap(model) -> None:
+    """Put the plain nn.Linear layers back, so PEFT sees the model as it ships."""
+    for layer in lora.find_decoder_layers(model):
+        for name, module in list(layer.mlp.named_children()):
+            if isinstance(module, lora.LoRALinear):
+                setattr(layer.mlp, name, module.base)
+
+
+def report(r: dict) -> None:
+    ours, loop, ref = r["ours"], r["peft_loop"], r.get("reference")
+    print(f"\nmodel {r['model']} ({r['dtype']}), {r['docs']} documents, {r['tokens_per_doc']} training tokens/doc")
+    print(f"matmul peak {r['matmul_flops_peak'] / 1e9:.1f} GFLOP/s")
+    print(f"{'path':28s} {'docs/min':>9s} {'tokens/s':>9s}")
+    if ref:
+        print(f"{'reference (pad 3000, fp32)':28s} {ref['docs_per_min']:9.2f} {ref['tokens_per_s']:9.1f}")
+    print(f"{'PEFT loop (no pad)':28s} {loop['docs_per_min']:9.2f} {loop['tokens_per_s']:9.1f}")
+    print(
+        f"{'ours (batched)':28s} {ours['docs_per_min']:9.2f} {ours['tokens_per_s']:9.1f}"
+        f"   {100 * ours['flops_fraction']:.0f}% of matmul peak"
+    )
+    if ref:
+        print(f"ours / reference: {ours['docs_per_min'] / ref['docs_per_min']:.1f}x")
+    print(
+        f"ours / PEFT loop: {ours['docs_per_min'] / loop['docs_per_min']:.2f}x  "
+        f"(max |adapter difference| {loop['max_abs_diff_vs_ours']:.2e})"
+    )
+    b = r["adapter_bytes"]
+    print(f"adapter bytes/doc: ours {b['ours']}, PEFT fp32 {b['peft_fp32']} ({b['peft_fp32'] / b['ours']:.2f}x)")
+    lm = r["load_merge_ms"]
+    print(f"load+merge top-3: PEFT {lm['peft']:.1f} ms, ours {lm['ours']:.2f} ms ({lm['peft'] / lm['ours']:.0f}x)")
+    q = r["question_latency_ms"]
+    if "prag" in q:
+        print(
+            f"question latency (median of {q['questions']}): prag {q['prag']:.0f} ms, rag {q['rag']:.0f} ms "
+            f"(prag/rag {q['prag'] / q['rag']:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
