@@ -104,7 +104,7 @@ def cmd_index(pipeline: Pipeline, args) -> int:
 
 
 def cmd_ask(pipeline: Pipeline, args) -> int:
-    answer = pipeline.answer(args.question, args.mode, args.top_k)
+    answer = pipeline.answer(args.question, args.mode, args.top_k, show_progress=not args.quiet)
     print(f"answer: {answer.short_answer}")
     print(f"generation: {pipeline.config.answer.lead_in} {answer.text}")
     for i, p in enumerate(answer.passages, 1):

@@ -132,7 +132,9 @@ class Pipeline:
         k = top_k or self.config.answer.top_k
         return [hit.passage for hit in self.retriever.search(question, k)]
 
-    def answer(self, question: str, mode: str = "prag", top_k: int | None = None) -> Answer:
+    def answer(
+        self, question: str, mode: str = "prag", top_k: int | None = None, show_progress: bool = False
+    ) -> Answer:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         timings: dict[str, float] = {}
@@ -145,7 +147,7 @@ class Pipeline:
         parametric = mode in ("prag", "combine") and passages
         if parametric:
             t = time.perf_counter()
-            self.parameterize(passages, show_progress=False)  # a no-op once the documents are stored
+            self.parameterize(passages, show_progress)  # a no-op once the documents are stored
             timings["parameterize"] = time.perf_counter() - t
             t = time.perf_counter()
             merged = lora.merge([self.adapters.get(p.id) for p in passages])
