@@ -65,7 +65,7 @@ class BatchedAdamW:
         self.params, self.lr, self.wd, self.betas, self.eps = params, lr, weight_decay, betas, eps
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
-        self.steps = torch.zeros(params[0].shape[1])
+        self.steps = torch.zeros(params[0].shape[1], device=params[0].device)
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
