@@ -124,6 +124,8 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
     (asking for all its missing pairs at once: the prompt, which dominates the cost on a CPU, is then
     read once). Rounds repeat, with fresh seeds, until every document is complete or `attempts` ran out.
     """
+    # Batches of similar length: one long passage would otherwise pad (and slow) its whole batch.
+    given, passages = passages, sorted(passages, key=lambda p: len(p.contents))
     results = {p.id: Augmentation(p.id) for p in passages}
     rejected = {p.id: Counter() for p in passages}
     fallback: dict[str, list[dict[str, str]]] = {p.id: [] for p in passages}  # valid but ungrounded pairs
@@ -170,7 +172,7 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
         result.qa += fallback[doc_id][:missing]
         rejected[doc_id]["ungrounded_used"] = min(missing, len(fallback[doc_id]))
         result.rejected = {k: v for k, v in rejected[doc_id].items() if v}
-    return [results[p.id] for p in passages]
+    return [results[p.id] for p in given]
 
 
 def _accept_rewrite(output: str, passage: Passage, result: Augmentation, rejected: Counter, config) -> None:

@@ -170,6 +170,9 @@ class LLM:
             top_p=None,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
+            # a preallocated KV cache: the default one re-concatenates every layer's cache at every step,
+            # which costs a third of CPU decoding time at batch 32
+            cache_implementation="static",
             stopping_criteria=StoppingCriteriaList([_TextStop(self.tokenizer, width, stop)]) if stop else None,
         )
         return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)

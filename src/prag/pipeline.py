@@ -94,6 +94,7 @@ class Pipeline:
         Each finished document is stored at once, so an interrupted run resumes where it stopped.
         """
         todo = list({p.id: p for p in passages if not self.adapters.has(p.id)}.values())
+        todo.sort(key=lambda p: len(p.contents))  # similar lengths train together: less padding
         if not todo:
             return 0
         cfg = self.config
