@@ -160,7 +160,9 @@ def main() -> None:
     }
 
     # The same fixed initialization, as a PEFT adapter directory for the PEFT paths.
-    init_dir = export_peft(init, Path(tempfile.mkdtemp(prefix="init-")), {"lora": config.to_dict()["lora"]}, "base")
+    init_dir = export_peft(
+        init, Path(tempfile.mkdtemp(prefix="init-")), {"lora": config.to_dict()["lora"]}, str(llm.model.name_or_path)
+    )
 
     # 2. per-document PEFT loop: batch 1, no padding, our dtype
     base = llm.model
