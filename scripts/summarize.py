@@ -25,7 +25,7 @@ def main() -> None:
         cells = [m["dataset"], str(m["n"]), "n/a" if recall is None else f"{recall:.3f}"]
         cells += [f"{m['modes'][mode]['f1']:.3f}" for mode in modes]
         print("| " + " | ".join(cells) + " |")
-    print()
+    print("\n## EM, F1 and latency per mode (ms; retrieval, load+merge, generation are means)\n")
     print("| dataset | mode | EM | F1 | p50 ms | p95 ms | retrieval ms | load+merge ms | generation ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for m in metrics:
@@ -37,7 +37,7 @@ def main() -> None:
                 f"{parts['retrieval']['mean']:.1f} | {parts['load_merge']['mean']:.1f} | "
                 f"{parts['generation']['mean']:.0f} |"
             )
-    print()
+    print("\n## Offline cost (augmentation + LoRA training, batched)\n")
     print("| dataset | documents parameterized | offline seconds per document |")
     print("|---|---|---|")
     for m in metrics:
