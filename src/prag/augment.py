@@ -1,10 +1,12 @@
 """Self-augmentation: the LLM writes rewrites of a passage and question/answer pairs about it.
 
 Small models rarely emit valid JSON lists (the reference prompt asks for one),
-so we ask for ONE pair per generation in a fixed two-line format, with the
-assistant turn already started at "Question:", sample several candidates per
-document, and keep the first valid ones. Every rejection is counted by reason so
-that augmentation quality can be inspected (`prag stats`).
+so we ask for pairs in a fixed two-line format ("Question: ...\nAnswer: ..."),
+show one worked example turn, start the assistant turn at "Question:", and parse
+each pair on its own: one malformed pair does not cost the others. Pairs whose
+answer does not occur in the passage are used only when nothing better came in
+`attempts` rounds. Every rejection is counted by reason so that augmentation
+quality can be inspected (`prag stats`).
 """
 
 from __future__ import annotations
