@@ -196,19 +196,14 @@ def main() -> None:
         results["reference"] = {"docs": r, "docs_per_min": 60 * r / ref_s, "tokens_per_s": tokens_per_doc * r / ref_s}
         base = base32.to(dtype)
 
-    # adapter bytes per document
-    results["adapter_bytes"] = {
-        "ours": pipeline.adapters.path(passages[0].id).stat().st_size
-        if pipeline.adapters.has(passages[0].id)
-        else None,
-        "peft_fp32": (peft_dirs[0] / "adapter_model.safetensors").stat().st_size,
-    }
-
-    # per-question load+merge at top-k
+    # adapter bytes per document, then per-question load+merge at top-k from the store
     for p, adapter in zip(passages, ours, strict=True):
         if not pipeline.adapters.has(p.id):
             pipeline.adapters.put(p.id, adapter)
-    results["adapter_bytes"]["ours"] = pipeline.adapters.path(passages[0].id).stat().st_size
+    results["adapter_bytes"] = {
+        "ours": pipeline.adapters.path(passages[0].id).stat().st_size,
+        "peft_fp32": (peft_dirs[0] / "adapter_model.safetensors").stat().st_size,
+    }
     groups = [peft_dirs[i : i + args.top_k] for i in range(0, len(peft_dirs) - args.top_k + 1)] or [peft_dirs]
     peft_times = [peft_load_merge(base, groups[i % len(groups)]) for i in range(5)]
     lm = lora.LoRAModel(base, config.lora.target_modules)
