@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from prag import Config, Pipeline, lora
+from prag.augment import augment
 from prag.evaluate import load_questions
 from prag.parameterize import IGNORE, train_adapters, training_sequences
 from prag.store import export_peft
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=16, help="documents trained by our batched path")
     parser.add_argument("--peft-docs", type=int, default=4, help="documents trained by the per-document PEFT loop")
     parser.add_argument("--reference-docs", type=int, default=1, help="documents trained reference-style")
+    parser.add_argument("--augment-docs", type=int, default=6, help="documents augmented batched and one by one")
     parser.add_argument("--latency-questions", type=int, default=20)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--out", default="runs/bench/parameterize.json")
@@ -145,6 +147,22 @@ def main() -> None:
         "tokens_per_doc": round(tokens_per_doc, 1),
         "matmul_flops_peak": peak,
     }
+
+    # augmentation: one batched call across documents vs one call per document (same seeds)
+    a = min(args.augment_docs, len(passages))
+    if a:
+        t = time.perf_counter()
+        augment(llm, passages[:a], config.augment, show_progress=False)
+        batched_s = time.perf_counter() - t
+        t = time.perf_counter()
+        for p in passages[:a]:
+            augment(llm, [p], config.augment, show_progress=False)
+        single_s = time.perf_counter() - t
+        results["augment"] = {
+            "docs": a,
+            "batched_docs_per_min": 60 * a / batched_s,
+            "single_docs_per_min": 60 * a / single_s,
+        }
 
     # 3. ours
     init = lora.init_adapter(lm.shapes(config.lora.rank), config.lora.init_seed)
@@ -270,6 +288,12 @@ def report(r: dict) -> None:
         f"ours / PEFT loop: {ours['docs_per_min'] / loop['docs_per_min']:.2f}x  "
         f"(max |adapter difference| {loop['max_abs_diff_vs_ours']:.2e})"
     )
+    if "augment" in r:
+        a = r["augment"]
+        print(
+            f"augmentation docs/min ({a['docs']} docs): batched {a['batched_docs_per_min']:.2f}, "
+            f"one by one {a['single_docs_per_min']:.2f} ({a['batched_docs_per_min'] / a['single_docs_per_min']:.2f}x)"
+        )
     b = r["adapter_bytes"]
     print(f"adapter bytes/doc: ours {b['ours']}, PEFT fp32 {b['peft_fp32']} ({b['peft_fp32'] / b['ours']:.2f}x)")
     lm = r["load_merge_ms"]
