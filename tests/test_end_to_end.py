@@ -99,3 +99,45 @@ def test_cli_index_ask_and_eval(tmp_path, monkeypatch, capsys):
         == 2
     )
     assert "unknown mode" in capsys.readouterr().err
+
+
+def test_warmup_initializes_distilled_documents(default_llm, tmp_path):
+    """`warmup` on held-in questions, then a document distilled from that start, merged by mean."""
+    from safetensors.torch import load_file
+
+    from prag.evaluate import load_questions
+
+    home = tmp_path / "home"
+    Pipeline(home, Config(), llm=default_llm).index(DEMO / "corpus.jsonl", show_progress=False)
+    held_in = load_questions(DEMO / "questions.jsonl", offset=6, limit=2)
+    warm = tmp_path / "warmup.safetensors"
+    n = Pipeline(home, Config(), llm=default_llm).warmup(held_in, warm, show_progress=False)
+    assert n == 4  # each question with its gold passages, and alone
+    warm_adapter = load_file(str(warm))
+    assert warm_adapter["down_proj.B"].abs().sum() > 0  # trained away from the zero-B initialization
+
+    config = Config.from_dict(
+        {
+            "lora": {"init": str(warm)},
+            "train": {"objective": "distill", "epochs": 2},
+            "answer": {"top_k": 1, "merge": "mean", "init_in_all_modes": True},
+        }
+    )
+    pipeline = Pipeline(home, config, llm=default_llm)
+    assert "-init" in pipeline.adapters.root.name  # a different initialization is a different store
+    question = "What is George Rankin's occupation?"
+    answer = pipeline.answer(question, "prag")
+    assert answer.short_answer
+    [doc] = answer.passages
+    adapter = pipeline.adapters.get(doc.id)
+    assert not torch.allclose(adapter["down_proj.B"].float(), warm_adapter["down_proj.B"], atol=1e-4)
+
+    # init_in_all_modes: the closed-book baseline runs the warmed-up model
+    prompt = torch.tensor([default_llm.chat(question_prompt(question, []), config.answer.lead_in)])
+    with torch.no_grad():
+        base = default_llm.model(prompt).logits[0, -1]
+        pipeline.lora_model.inject(pipeline.initial_adapter, config.lora.scale)
+        warmed = default_llm.model(prompt).logits[0, -1]
+        pipeline.lora_model.clear()
+    assert not torch.allclose(base, warmed, atol=1e-3)
+    assert pipeline.answer(question, "closed").short_answer

@@ -43,6 +43,17 @@ def test_merged_injection_equals_summed_weight_deltas(tiny_llm):
     assert not torch.allclose(base, logits(reference, ids), atol=1e-3)  # the deltas do change the output
 
 
+def test_weighted_merge_is_the_weighted_sum_of_deltas():
+    shapes = {"down_proj.A": (2, 2, 8), "down_proj.B": (2, 6, 2)}
+    adapters = [random_adapter(shapes, seed) for seed in range(3)]
+    weights = [1 / 3] * 3  # answer.merge = "mean"
+    merged = lora.merge(adapters, weights)
+    for layer in range(2):
+        expected = sum(w * lora.delta(a, "down_proj", layer, 2.0) for a, w in zip(adapters, weights, strict=True))
+        torch.testing.assert_close(lora.delta(merged, "down_proj", layer, 2.0), expected)
+    assert torch.equal(adapters[0]["down_proj.B"], random_adapter(shapes, 0)["down_proj.B"])  # inputs untouched
+
+
 def test_per_example_adapters_match_one_at_a_time(tiny_llm):
     lora_model = lora.LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
     shapes = lora_model.shapes(rank=2)

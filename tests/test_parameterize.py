@@ -60,3 +60,53 @@ def test_batched_adamw_matches_torch_adamw():
                 torch_opts[d].step()
     for d in range(2):
         torch.testing.assert_close(ours[:, d].detach(), theirs[d].detach())
+
+
+def distill_sequences(n, seed):
+    """Student: random prompt + reply; teacher: a longer random prompt (the 'passage') + the same reply."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt, context, reply = (torch.randint(0, 2000, (k,), generator=g).tolist() for k in (6, 12, 3))
+        out.append(Sequence(prompt + reply, [IGNORE] * len(prompt) + reply, context + prompt + reply))
+    return out
+
+
+def test_distillation_loss_is_kl_to_the_teacher(tiny_llm):
+    from prag.parameterize import _teacher_log_probs, sequence_losses
+
+    seqs = distill_sequences(2, seed=4)
+    teacher = _teacher_log_probs(tiny_llm, seqs)
+    assert [t.shape[0] for t in teacher.values()] == [3, 3]  # one distribution per reply token
+    losses = sequence_losses(tiny_llm, seqs, teacher)
+    # by hand for the first sequence: mean over reply tokens of KL(teacher || student)
+    s = seqs[0]
+    with torch.no_grad():
+        student = torch.log_softmax(tiny_llm.model(torch.tensor([s.input_ids])).logits[0, -4:-1].float(), -1)
+        t = torch.log_softmax(tiny_llm.model(torch.tensor([s.teacher_ids])).logits[0, -4:-1].float(), -1)
+    expected = (t.exp() * (t - student)).sum(-1).mean()
+    torch.testing.assert_close(losses[0], expected, rtol=1e-4, atol=1e-5)
+    # a student that reads exactly what the teacher reads has nothing to learn
+    same = Sequence(s.teacher_ids, [IGNORE] * (len(s.teacher_ids) - 3) + s.teacher_ids[-3:], s.teacher_ids)
+    assert sequence_losses(tiny_llm, [same], _teacher_log_probs(tiny_llm, [same]))[0].abs() < 1e-5
+
+
+def test_distillation_training_moves_the_student_toward_the_teacher(tiny_llm):
+    from prag.parameterize import _teacher_log_probs, sequence_losses
+
+    lora_model = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    lora_config, train = LoRAConfig(), TrainConfig(lr=3e-3, epochs=10, objective="distill")
+    docs = [distill_sequences(2, seed=5), distill_sequences(3, seed=6)]
+    teacher = _teacher_log_probs(tiny_llm, [s for d in docs for s in d])
+    before = [sequence_losses(tiny_llm, d, teacher).mean().item() for d in docs]
+    adapters = train_adapters(tiny_llm, lora_model, docs, lora_config, train, show_progress=False)
+    for doc, adapter, loss_before in zip(docs, adapters, before, strict=True):
+        lora_model.inject(adapter, lora_config.scale)
+        with torch.no_grad():
+            after = sequence_losses(tiny_llm, doc, teacher).mean().item()
+        lora_model.clear()
+        assert after < 0.7 * loss_before
+    # and batched distillation equals distilling each document alone
+    alone = train_adapters(tiny_llm, lora_model, docs[1:], lora_config, train, show_progress=False)[0]
+    for key in alone:
+        torch.testing.assert_close(adapters[1][key], alone[key], rtol=1e-4, atol=1e-5)

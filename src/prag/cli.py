@@ -54,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--top-k", type=int, default=None)
 
+    p = commands.add_parser(
+        "warmup",
+        help="train the shared LoRA initialization on held-in QA (questions with their gold passages)",
+        description="Train one LoRA on held-in questions (FlashRAG JSONL with supporting_titles naming indexed "
+        "passages), to start every document's LoRA from with --set lora.init=OUT. Use questions OUTSIDE the "
+        "range you evaluate on.",
+    )
+    _common(p)
+    p.add_argument("--dataset", required=True, help="held-in questions, FlashRAG JSONL")
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", required=True, help="the warm-up adapter to write (.safetensors)")
+
     p = commands.add_parser("eval", help="evaluate modes on a FlashRAG-format question set")
     _common(p)
     p.add_argument("--dataset", required=True, help="questions, FlashRAG JSONL")
@@ -127,6 +140,19 @@ def cmd_parameterize(pipeline: Pipeline, args) -> int:
     elapsed = time.perf_counter() - t
     print(
         f"{len(passages)} passages: {built} parameterized now ({elapsed:.1f}s), {len(passages) - built} already stored"
+    )
+    return 0
+
+
+def cmd_warmup(pipeline: Pipeline, args) -> int:
+    from .evaluate import load_questions
+
+    questions = load_questions(args.dataset, limit=args.limit, offset=args.offset)
+    t = time.perf_counter()
+    n = pipeline.warmup(questions, args.out, show_progress=not args.quiet)
+    print(
+        f"warm-up adapter from {len(questions)} questions ({n} sequences) written to {args.out} "
+        f"in {time.perf_counter() - t:.1f}s; use it with --set lora.init={args.out}"
     )
     return 0
 
@@ -225,6 +251,7 @@ COMMANDS = {
     "index": cmd_index,
     "ask": cmd_ask,
     "parameterize": cmd_parameterize,
+    "warmup": cmd_warmup,
     "eval": cmd_eval,
     "export": cmd_export,
     "stats": cmd_stats,

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-SPEED_ONLY = {"model.device", "train.docs_per_batch", "augment.batch_size"}
+# Fields that never change what is stored (speed, or how stored adapters are used at question time):
+# artifacts are keyed without them, so changing them reuses what is there.
+NOT_KEYED = {
+    "model.device",
+    "train.docs_per_batch",
+    "augment.batch_size",
+    "answer.merge",
+    "answer.top_k",
+    "answer.max_new_tokens",
+}
 
 
 @dataclass
@@ -32,7 +41,8 @@ class LoRAConfig:
     rank: int = 2
     alpha: float = 32.0
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    init_seed: int = 0  # every document starts from the same random A (B is zero)
+    init_seed: int = 0  # every document starts from the same random A (B is zero)...
+    init: str = ""  # ...or from this warm-up adapter (`prag warmup`), a .safetensors file
 
     @property
     def scale(self) -> float:
@@ -44,7 +54,11 @@ class TrainConfig:
     lr: float = 3e-4
     epochs: int = 1
     weight_decay: float = 0.01  # torch.optim.AdamW's default, as in the reference code
-    loss_on: str = "all"  # "all" tokens of the sequence (reference) or the "answer" tokens only
+    # "lm": next-token loss on the augmentation (reference). "distill": context distillation, the model
+    # WITHOUT the passage learns to match its own token distribution WITH the passage in the prompt,
+    # on the answers to the generated questions (KL, the frozen model is the teacher).
+    objective: str = "lm"
+    loss_on: str = "all"  # for "lm": "all" tokens of the sequence (reference) or the "answer" tokens only
     docs_per_batch: int = 16  # documents trained together in one forward/backward pass
     max_length: int = 1024
     store_dtype: str = "bfloat16"  # dtype of adapters on disk
@@ -68,6 +82,8 @@ class AnswerConfig:
     top_k: int = 3
     max_new_tokens: int = 32
     lead_in: str = "The answer is"
+    merge: str = "sum"  # k retrieved documents' LoRAs: "sum" of their deltas (reference) or "mean"
+    init_in_all_modes: bool = False  # with a warm-up adapter (lora.init): inject it in closed/rag too
 
 
 @dataclass
@@ -120,11 +136,10 @@ class Config:
     def key(self, *sections: str) -> str:
         """A short stable hash of the named sections: stored artifacts are keyed by what built them.
 
-        Fields that only change speed (batch sizes, device) are left out, so that a bigger batch
-        reuses what a smaller one stored.
+        NOT_KEYED fields are left out, so that e.g. a bigger batch reuses what a smaller one stored.
         """
         payload = {}
         for name in sections:
             values = dataclasses.asdict(getattr(self, name))
-            payload[name] = {k: v for k, v in values.items() if f"{name}.{k}" not in SPEED_ONLY}
+            payload[name] = {k: v for k, v in values.items() if f"{name}.{k}" not in NOT_KEYED}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

@@ -110,10 +110,14 @@ def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> Adapter:
     return adapter
 
 
-def merge(adapters: list[Adapter]) -> Adapter:
-    """The exact sum of the adapters' deltas, as one adapter of the summed rank."""
-    if len(adapters) == 1:
+def merge(adapters: list[Adapter], weights: list[float] | None = None) -> Adapter:
+    """The exact weighted sum of the adapters' deltas (plain sum by default), as one adapter of the summed rank."""
+    if weights is None and len(adapters) == 1:
         return adapters[0]
+    if weights is not None:  # w * (B A) = (w B) A: weight the B factors
+        adapters = [
+            {k: v * w if k.endswith(".B") else v for k, v in a.items()} for a, w in zip(adapters, weights, strict=True)
+        ]
     return {key: torch.cat([a[key] for a in adapters], dim=1 if key.endswith(".A") else 2) for key in adapters[0]}
 
 

@@ -8,6 +8,12 @@ documents' own mean token losses, so each document's gradient is exactly what
 it would get alone, and `BatchedAdamW` updates a document only on steps where
 it had a sequence. Sequences are padded to the batch's longest, not to a fixed
 length; with causal attention right padding never changes the real tokens.
+
+Context distillation (`train.objective = "distill"`) swaps the loss: for each
+generated question, the model without the passage (and with the document's
+LoRA) is trained to match, token by token over the answer, the distribution of
+the frozen model that reads the passage (KL(teacher || student)). Teacher
+distributions are computed once per document group, before training.
 """
 
 from __future__ import annotations
@@ -32,13 +38,30 @@ IGNORE = -100
 class Sequence:
     input_ids: list[int]
     labels: list[int]
+    # distillation only: the same reply after a prompt that holds the passage (the teacher's input)
+    teacher_ids: list[int] | None = None
 
 
 def training_sequences(
     llm: LLM, passage: Passage, augmentation: Augmentation, train: TrainConfig, answer: AnswerConfig
 ) -> list[Sequence]:
     """The reference's layout: the first half of the QA pairs with the passage and with each rewrite
-    in the prompt, the rest with the question alone; the reply is '<lead-in> <answer>.'"""
+    in the prompt, the rest with the question alone; the reply is '<lead-in> <answer>.'
+
+    For distillation: every QA pair once, the question alone for the student and with the passage
+    for the teacher, the reply (the generated answer) being where the two distributions are compared.
+    """
+    if train.objective == "distill":
+        sequences = []
+        for qa in augmentation.qa:
+            reply = _reply_ids(llm, qa["answer"])
+            student = llm.chat(question_prompt(qa["question"], []), answer.lead_in)
+            teacher = llm.chat(question_prompt(qa["question"], [passage.contents]), answer.lead_in)
+            teacher_ids = (teacher + reply)[-train.max_length :]
+            sequences.append(Sequence(student + reply, [IGNORE] * len(student) + reply, teacher_ids))
+        return sequences
+    if train.objective != "lm":
+        raise ValueError(f"train.objective must be 'lm' or 'distill', not {train.objective!r}")
     texts = [passage.contents] + augmentation.rewrites
     with_passage = (len(augmentation.qa) + 1) // 2
     sequences = []
@@ -46,11 +69,29 @@ def training_sequences(
         contexts = [[t] for t in texts] if i < with_passage else [[]]
         for context in contexts:
             prompt = llm.chat(question_prompt(qa["question"], context), answer.lead_in)
-            reply = llm.tokenizer.encode(" " + qa["answer"].strip().rstrip(".") + ".", add_special_tokens=False)
+            reply = _reply_ids(llm, qa["answer"])
             ids = (prompt + reply)[: train.max_length]
             labels = ids if train.loss_on == "all" else [IGNORE] * len(prompt) + reply
             sequences.append(Sequence(ids, labels[: len(ids)]))
     return sequences
+
+
+def warmup_sequences(
+    llm: LLM, question: str, gold_answer: str, gold: list[Passage], train: TrainConfig, answer: AnswerConfig
+) -> list[Sequence]:
+    """A held-in question for the warm-up LoRA: with its gold passages in the prompt and alone,
+    both replying '<lead-in> <gold answer>.' (the format every mode's answer is read from)."""
+    reply = _reply_ids(llm, gold_answer)
+    sequences = []
+    for context in ([p.contents for p in gold], []) if gold else ([],):
+        prompt = llm.chat(question_prompt(question, context), answer.lead_in)
+        labels = prompt + reply if train.loss_on == "all" else [IGNORE] * len(prompt) + reply
+        sequences.append(Sequence(prompt + reply, labels))
+    return sequences
+
+
+def _reply_ids(llm: LLM, answer: str) -> list[int]:
+    return llm.tokenizer.encode(" " + answer.strip().rstrip(".") + ".", add_special_tokens=False)
 
 
 class BatchedAdamW:
@@ -118,13 +159,14 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adap
         p.requires_grad_(True)
     optimizer = BatchedAdamW(list(params.values()), lr=train.lr, weight_decay=train.weight_decay)
     schedules = [seqs * train.epochs for seqs in group]
+    teacher = _teacher_log_probs(llm, [s for seqs in group for s in seqs])
     try:
         for step in range(max(len(s) for s in schedules)):
             active = torch.tensor([step < len(s) for s in schedules])
             rows = active.nonzero().flatten()
             batch = [schedules[j][step] for j in rows.tolist()]
             lora_model.inject({k: p[:, rows] for k, p in params.items()}, lora.scale)
-            loss = sequence_losses(llm, batch).sum()
+            loss = sequence_losses(llm, batch, teacher).sum()
             loss.backward()
             optimizer.step(active.to(device))
             bar.update(len(batch))
@@ -133,8 +175,50 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adap
     return [{k: p[:, j].detach().to("cpu").clone() for k, p in params.items()} for j in range(n)]
 
 
-def sequence_losses(llm: LLM, batch: list[Sequence]) -> torch.Tensor:
-    """Each sequence's mean next-token loss over its labelled tokens (like HF's loss at batch size 1)."""
+@torch.no_grad()
+def _teacher_log_probs(llm: LLM, sequences: list[Sequence], batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """For distillation sequences: the frozen model's log-probabilities over each reply token, reading
+    the passage. Keyed by id(sequence); empty for the plain LM objective."""
+    todo = [s for s in sequences if s.teacher_ids is not None]
+    out: dict[int, torch.Tensor] = {}
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        teacher_view = [
+            Sequence(s.teacher_ids, [IGNORE] * (len(s.teacher_ids) - _n_labels(s)) + _labels(s)) for s in chunk
+        ]
+        logits, _, rows, _ = _label_logits(llm, teacher_view)
+        log_probs = F.log_softmax(logits, dim=-1)
+        for row, s in enumerate(chunk):
+            out[id(s)] = log_probs[rows == row]
+    return out
+
+
+def _labels(s: Sequence) -> list[int]:
+    return [t for t in s.labels if t != IGNORE]
+
+
+def _n_labels(s: Sequence) -> int:
+    return sum(t != IGNORE for t in s.labels)
+
+
+def sequence_losses(llm: LLM, batch: list[Sequence], teacher: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Each sequence's mean loss over its labelled tokens (like HF's loss at batch size 1): next-token
+    cross-entropy, or KL(teacher || model) for sequences that have teacher distributions."""
+    logits, targets, rows, counts = _label_logits(llm, batch)
+    token_loss = F.cross_entropy(logits, targets, reduction="none")
+    if teacher:
+        distilled = torch.tensor([id(s) in teacher for s in batch], device=llm.device)[rows]
+        if distilled.any():
+            t = torch.cat([teacher[id(s)] for s in batch if id(s) in teacher])
+            kl = (t.exp() * (t - F.log_softmax(logits[distilled], dim=-1))).sum(-1)
+            token_loss = token_loss.masked_scatter(distilled, kl)
+    per_row = torch.zeros(len(batch), device=llm.device).index_add(0, rows, token_loss)
+    return per_row / counts.clamp(min=1)
+
+
+def _label_logits(llm: LLM, batch: list[Sequence]) -> tuple[torch.Tensor, ...]:
+    """Float logits at the positions that predict a label (in order), those labels, their row in the
+    batch, and the number of labels per row. Only those positions go through the (large) vocabulary projection."""
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), llm.pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -145,11 +229,7 @@ def sequence_losses(llm: LLM, batch: list[Sequence]) -> torch.Tensor:
         mask[row, : len(s.input_ids)] = 1
     ids, labels, mask = ids.to(llm.device), labels.to(llm.device), mask.to(llm.device)
     hidden = llm.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    # Only positions that predict a label go through the (large) vocabulary projection.
     targets = labels[:, 1:]
     keep = targets != IGNORE
     logits = llm.model.lm_head(hidden[:, :-1][keep]).float()
-    token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    per_row = torch.zeros(len(batch), device=llm.device).index_add(0, rows, token_loss)
-    return per_row / keep.sum(1).clamp(min=1)
+    return logits, targets[keep], keep.nonzero()[:, 0], keep.sum(1)

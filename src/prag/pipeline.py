@@ -11,20 +11,23 @@ retrieved knowledge goes:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import lora
-from .atomic import atomic_write_text
+from .atomic import atomic_write, atomic_write_text
 from .augment import augment
 from .config import Config
 from .corpus import Passage, read_corpus
 from .llm import LLM
-from .parameterize import train_adapters, training_sequences
+from .parameterize import train_adapters, training_sequences, warmup_sequences
 from .prompt import answer_done, question_prompt, short_answer
 from .retrieval import BM25Retriever, Retriever, load_retriever
 from .store import AdapterStore, AugmentationStore
@@ -55,7 +58,10 @@ class Pipeline:
         model_key = cfg.model.name.replace("/", "_").strip("_.") or "model"
         self.augmentations = AugmentationStore(self.home / "augment" / f"{model_key}-{cfg.key('model', 'augment')}")
         adapter_key = f"{model_key}-{cfg.key('model', 'augment', 'lora', 'train', 'answer')}"
+        if cfg.lora.init:  # the warm-up adapter's contents, not just its path, decide what is trained
+            adapter_key += "-init" + hashlib.sha1(Path(cfg.lora.init).read_bytes()).hexdigest()[:8]
         self.adapters = AdapterStore(self.home / "adapters" / adapter_key, cfg.train.store_dtype)
+        self._initial: lora.Adapter | None = None
 
     # -- parts, loaded on first use -------------------------------------------------------------
     @property
@@ -106,12 +112,48 @@ class Pipeline:
             sequences = [
                 training_sequences(self.llm, p, self.augmentations.get(p.id), cfg.train, cfg.answer) for p in group
             ]
-            adapters = train_adapters(self.llm, self.lora_model, sequences, cfg.lora, cfg.train, show_progress=False)
+            adapters = train_adapters(
+                self.llm, self.lora_model, sequences, cfg.lora, cfg.train, self.initial_adapter, show_progress=False
+            )
             for passage, adapter in zip(group, adapters, strict=True):
                 self.adapters.put(passage.id, adapter)
             bar.update(len(group))
         bar.close()
         return len(todo)
+
+    @property
+    def initial_adapter(self) -> lora.Adapter | None:
+        """The warm-up adapter every document starts from (`lora.init`), or None for the random init."""
+        if self._initial is None and self.config.lora.init:
+            self._initial = {k: v.float() for k, v in load_file(self.config.lora.init).items()}
+        return self._initial
+
+    def warmup(self, questions: list, out: str | Path, show_progress: bool = True) -> int:
+        """Train the shared initialization on held-in QA: each question with its gold passages, and alone.
+
+        `questions` are `evaluate.Question`s whose `supporting_titles` name corpus passages. Use dev
+        questions OUTSIDE the evaluated range: the warm-up must teach the task, not the test's facts.
+        Returns the number of training sequences.
+        """
+        by_title: dict[str, list[Passage]] = {}
+        for p in self.retriever.passages:
+            by_title.setdefault(p.title.lower(), []).append(p)
+        sequences = []
+        for q in questions:
+            gold = [p for t in q.supporting_titles for p in by_title.get(t.lower(), [])[:1]]
+            sequences += warmup_sequences(
+                self.llm, q.question, q.golden_answers[0], gold, self.config.train, self.config.answer
+            )
+        if not sequences:
+            raise ValueError("no warm-up sequences: the questions have no answers")
+        random.Random(self.config.lora.init_seed).shuffle(sequences)
+        cfg = self.config
+        [adapter] = train_adapters(self.llm, self.lora_model, [sequences], cfg.lora, cfg.train, None, show_progress)
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.float().contiguous() for k, v in adapter.items()}
+        atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"questions": str(len(questions))}))
+        return len(sequences)
 
     def augment_missing(self, passages: list[Passage], show_progress: bool = True) -> None:
         """Generate and store augmentations for the passages that have none, in chunks (so a crash keeps most)."""
@@ -145,13 +187,20 @@ class Pipeline:
             passages = self.retrieve(question, top_k)
             timings["retrieval"] = time.perf_counter() - t
 
+        if self.config.answer.merge not in ("sum", "mean"):
+            raise ValueError(f"answer.merge must be 'sum' or 'mean', not {self.config.answer.merge!r}")
         parametric = mode in ("prag", "combine") and passages
+        warm_only = not parametric and self.config.answer.init_in_all_modes and self.initial_adapter is not None
+        if warm_only:  # the warmed-up model as the baseline: its initialization without any document
+            self.lora_model.inject(self.initial_adapter, self.config.lora.scale)
         if parametric:
             t = time.perf_counter()
             self.parameterize(passages, show_progress)  # a no-op once the documents are stored
             timings["parameterize"] = time.perf_counter() - t
             t = time.perf_counter()
-            merged = lora.merge([self.adapters.get(p.id) for p in passages])
+            adapters = [self.adapters.get(p.id) for p in passages]
+            weights = None if self.config.answer.merge == "sum" else [1 / len(adapters)] * len(adapters)
+            merged = lora.merge(adapters, weights)
             self.lora_model.inject(merged, self.config.lora.scale)
             timings["load_merge"] = time.perf_counter() - t
 
@@ -161,7 +210,7 @@ class Pipeline:
         try:
             text = self.llm.generate([prompt], self.config.answer.max_new_tokens, stop=answer_done)[0]
         finally:
-            if parametric:
+            if parametric or warm_only:
                 self.lora_model.clear()
         timings["generation"] = time.perf_counter() - t
         return Answer(question, mode, text.strip(), short_answer(text), passages, timings)
