@@ -23,11 +23,12 @@ def test_batched_training_equals_one_by_one(tiny_llm):
     lora_model = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
     lora_config = LoRAConfig()
     train = TrainConfig(lr=1e-3, epochs=2, docs_per_batch=8)
-    # different numbers and lengths of sequences: padding and idle steps must not leak between documents
+    # different numbers and lengths of sequences: padding, idle steps and the length grouping must not
+    # leak between documents
     documents = [
         make_sequences(3, [20, 7, 13], seed=1),
         make_sequences(1, [9], seed=2),
-        make_sequences(2, [5, 30], seed=3),
+        make_sequences(2, [18, 30], seed=3),  # 18 trains padded beside 20; 30 alone
     ]
     batched = train_adapters(tiny_llm, lora_model, documents, lora_config, train, show_progress=False)
     alone = [

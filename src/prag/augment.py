@@ -7,6 +7,11 @@ each pair on its own: one malformed pair does not cost the others. Pairs whose
 answer does not occur in the passage are used only when nothing better came in
 `attempts` rounds. Every rejection is counted by reason so that augmentation
 quality can be inspected (`prag stats`).
+
+With `qa_style = "answer_first"` the answers are chosen first, from the passage
+itself (years, numbers, capitalised names other than the title), and the model
+only writes a question for each: every answer is then grounded and short, and
+questions are about the passage's facts rather than its subject's name.
 """
 
 from __future__ import annotations
@@ -46,6 +51,48 @@ _EXAMPLE_PAIRS = [
     ("Where was Marie Curie born?", "Poland"),
     ("What was Marie Curie the first woman to win?", "a Nobel Prize"),
 ]
+
+
+ANSWER_FIRST_PROMPT = (
+    'Read the passage and write one question about it whose answer is "{answer}". '
+    "The question must not contain the answer.\n\nPassage:\n{passage}"
+)
+_NOT_NAMES = set(
+    "a an and as at after before but by during for from he her his in it its of on she that the their then there "
+    "they this these those to was were when where which while who with".split()
+)
+
+
+def answer_spans(passage: Passage) -> list[str]:
+    """Short answers taken from the passage for answer-first QA: names, years and other numbers, in
+    turn (varied questions), each once, never the title's own words."""
+    title = set(_words(passage.title))
+    kinds: list[list[str]] = [[], [], []]
+    patterns = (
+        r"\b[A-Z][\w'\-]*(?:\s+(?:of\s+|the\s+|de\s+)?[A-Z][\w'\-]*)*",
+        r"\b1\d{3}\b|\b20\d{2}\b",
+        r"\b\d[\d,.]*\b",
+    )
+    for kind, pattern in zip(kinds, patterns, strict=True):
+        for match in re.finditer(pattern, passage.text):
+            span = match.group(0).strip().rstrip(".,")
+            words = _words(span)
+            if not words or set(words) <= title or (len(words) == 1 and words[0] in _NOT_NAMES):
+                continue
+            if span not in kind and all(span not in other for other in kinds):
+                kind.append(span)
+    spans = []
+    for i in range(max(map(len, kinds))):
+        spans += [kind[i] for kind in kinds if i < len(kind)]
+    return spans
+
+
+def answer_first_example() -> tuple[str, str]:
+    return ANSWER_FIRST_PROMPT.format(answer="1903", passage=_EXAMPLE_PASSAGE), " " + _EXAMPLE_PAIRS[0][0]
+
+
+def _question_done(text: str) -> bool:
+    return "\n" in text.strip() or text.strip().endswith("?")
 
 
 def qa_example(n: int) -> tuple[str, str]:
@@ -134,12 +181,28 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
     by_id = {p.id: p for p in passages}
     bar = tqdm(total=len(passages), desc="augment", unit="doc", disable=not show_progress)
 
+    if config.qa_style not in ("free", "answer_first"):
+        raise ValueError(f"augment.qa_style must be 'free' or 'answer_first', not {config.qa_style!r}")
+    spans = {p.id: answer_spans(p) for p in passages} if config.qa_style == "answer_first" else {}
+    tried: dict[str, set[str]] = {p.id: set() for p in passages}
+
     def complete(r: Augmentation) -> bool:
         return len(r.rewrites) >= config.rewrites and len(r.qa) >= config.qa_pairs
 
     for attempt in range(config.attempts):
         rewrite_jobs = [p.id for p in passages for _ in range(config.rewrites - len(results[p.id].rewrites))]
-        qa_jobs = [p.id for p in passages if len(results[p.id].qa) < config.qa_pairs]
+        if config.qa_style == "answer_first":  # one job per (document, answer span) still needed
+            qa_jobs = []
+            for p in passages:
+                missing = config.qa_pairs - len(results[p.id].qa)
+                used = {qa["answer"] for qa in results[p.id].qa}
+                fresh = [a for a in spans[p.id] if a not in tried[p.id]]
+                retry = [a for a in spans[p.id] if a in tried[p.id] and a not in used]
+                chosen = (fresh + retry)[: max(missing, 0)]
+                tried[p.id].update(chosen)
+                qa_jobs += [(p.id, a) for a in chosen]
+        else:
+            qa_jobs = [p.id for p in passages if len(results[p.id].qa) < config.qa_pairs]
         for kind, jobs in (("rewrite", rewrite_jobs), ("qa", qa_jobs)):
             for start in range(0, len(jobs), config.batch_size):
                 batch = jobs[start : start + config.batch_size]
@@ -153,6 +216,18 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
                     outputs = llm.generate(prompts, max_tokens, stop=_rewrite_done, **sampling)
                     for doc_id, output in zip(batch, outputs, strict=True):
                         _accept_rewrite(output, by_id[doc_id], results[doc_id], rejected[doc_id], config)
+                elif config.qa_style == "answer_first":
+                    prompts = [
+                        llm.chat(
+                            ANSWER_FIRST_PROMPT.format(answer=a, passage=by_id[d].contents),
+                            QA_PREFIX,
+                            history=(answer_first_example(),),
+                        )
+                        for d, a in batch
+                    ]
+                    outputs = llm.generate(prompts, config.qa_tokens_per_pair, stop=_question_done, **sampling)
+                    for (doc_id, answer), output in zip(batch, outputs, strict=True):
+                        _accept_question(output, answer, results[doc_id], rejected[doc_id], config)
                 else:
                     n = config.qa_pairs + 1  # one spare: some pairs are always rejected
                     prompts = [
@@ -184,6 +259,18 @@ def _accept_rewrite(output: str, passage: Passage, result: Augmentation, rejecte
         rejected[problem] += 1
     elif len(result.rewrites) < config.rewrites:
         result.rewrites.append(output)
+
+
+def _accept_question(output: str, answer: str, result: Augmentation, rejected: Counter, config) -> None:
+    question = output.strip().split("\n")[0].strip()
+    if len(_words(question)) < 3:
+        rejected["unparsable"] += 1
+    elif set(_words(answer)) <= set(_words(question)):
+        rejected["answer_in_question"] += 1
+    elif question.lower() in {q["question"].lower() for q in result.qa}:
+        rejected["duplicate"] += 1
+    elif len(result.qa) < config.qa_pairs:
+        result.qa.append({"question": question if question.endswith("?") else question + "?", "answer": answer})
 
 
 def _accept_qa(output: str, passage: Passage, result: Augmentation, rejected: Counter, fallback: list, config) -> None:

@@ -68,6 +68,9 @@ class TrainConfig:
 class AugmentConfig:
     rewrites: int = 1
     qa_pairs: int = 3
+    # "free": the model writes question/answer pairs (reference). "answer_first": answer spans are picked
+    # from the passage (names, dates, numbers; not the title) and the model writes a question for each.
+    qa_style: str = "free"
     attempts: int = 3  # generation rounds per document before giving up on missing items
     temperature: float = 0.7
     top_k: int = 50

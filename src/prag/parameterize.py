@@ -6,8 +6,10 @@ example j of the batch is the current sequence of document j and sees only
 document j's LoRA (per-example A/B, see `lora.py`). The loss is the SUM of the
 documents' own mean token losses, so each document's gradient is exactly what
 it would get alone, and `BatchedAdamW` updates a document only on steps where
-it had a sequence. Sequences are padded to the batch's longest, not to a fixed
-length; with causal attention right padding never changes the real tokens.
+it had a sequence. A step groups sequences of similar length (documents whose
+next sequence is much shorter wait for a later step), padded to the longest of
+them, never to a fixed length; with causal attention, right padding never
+changes the real tokens, so no attention mask is needed.
 
 Context distillation (`train.objective = "distill"`) swaps the loss: for each
 generated question, the model without the passage (and with the document's
@@ -32,6 +34,7 @@ from .lora import Adapter, LoRAModel, init_adapter
 from .prompt import question_prompt
 
 IGNORE = -100
+MAX_PADDING = 0.25  # a training step pads its sequences by at most this fraction of their length
 
 
 @dataclass
@@ -160,15 +163,26 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adap
     optimizer = BatchedAdamW(list(params.values()), lr=train.lr, weight_decay=train.weight_decay)
     schedules = [seqs * train.epochs for seqs in group]
     teacher = _teacher_log_probs(llm, [s for seqs in group for s in seqs])
+    done = [0] * n  # how many of its sequences each document has trained on
     try:
-        for step in range(max(len(s) for s in schedules)):
-            active = torch.tensor([step < len(s) for s in schedules])
-            rows = active.nonzero().flatten()
-            batch = [schedules[j][step] for j in rows.tolist()]
+        while True:
+            # Each step takes the longest next sequence and every document whose next one is nearly as
+            # long: padding stays under MAX_PADDING; the others wait (their optimizer state untouched).
+            pending = {j: len(schedules[j][done[j]].input_ids) for j in range(n) if done[j] < len(schedules[j])}
+            if not pending:
+                break
+            longest = max(pending.values())
+            chosen = [j for j, length in pending.items() if length * (1 + MAX_PADDING) >= longest]
+            active = torch.zeros(n, dtype=torch.bool)
+            active[chosen] = True
+            rows = torch.tensor(chosen)
+            batch = [schedules[j][done[j]] for j in chosen]
             lora_model.inject({k: p[:, rows] for k, p in params.items()}, lora.scale)
             loss = sequence_losses(llm, batch, teacher).sum()
             loss.backward()
             optimizer.step(active.to(device))
+            for j in chosen:
+                done[j] += 1
             bar.update(len(batch))
     finally:
         lora_model.clear()
@@ -222,13 +236,13 @@ def _label_logits(llm: LLM, batch: list[Sequence]) -> tuple[torch.Tensor, ...]:
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), llm.pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
     for row, s in enumerate(batch):
         ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
         labels[row, : len(s.labels)] = torch.tensor(s.labels)
-        mask[row, : len(s.input_ids)] = 1
-    ids, labels, mask = ids.to(llm.device), labels.to(llm.device), mask.to(llm.device)
-    hidden = llm.model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    ids, labels = ids.to(llm.device), labels.to(llm.device)
+    # Right padding only: causal attention keeps real tokens from seeing the padding, so no mask
+    # (which would also cost the fused causal attention kernel).
+    hidden = llm.model.model(input_ids=ids).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
     logits = llm.model.lm_head(hidden[:, :-1][keep]).float()

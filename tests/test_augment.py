@@ -1,0 +1,54 @@
+"""Parsing what the model writes, choosing answer spans, and answer-first augmentation on the real model."""
+
+from __future__ import annotations
+
+from prag.augment import answer_spans, augment, is_grounded, parse_qa
+from prag.config import AugmentConfig
+from prag.corpus import Passage
+
+PASSAGE = Passage(
+    "d1",
+    "Ada Lovelace",
+    "Ada Lovelace was an English mathematician. In 1843 she published notes on the Analytical Engine "
+    "designed by Charles Babbage, including what is seen as the first computer program. She died in London.",
+)
+
+
+def test_parse_qa_keeps_good_pairs_and_counts_bad_ones():
+    text = (
+        " Who designed the Analytical Engine?\nAnswer: Charles Babbage.\n"
+        "Question: When were the notes published\nAnswer: 1843\n"
+        "Question: no answer line here\n"
+        "Question: What was she?\nAnswer: " + "a very long answer " * 5
+    )
+    pairs, problems = parse_qa(text)
+    assert pairs == [
+        {"question": "Who designed the Analytical Engine?", "answer": "Charles Babbage"},
+        {"question": "When were the notes published?", "answer": "1843"},
+    ]
+    assert problems == {"unparsable": 1, "answer_too_long": 1}
+
+
+def test_grounded_means_every_answer_word_is_in_the_passage():
+    assert is_grounded("Charles Babbage", PASSAGE)
+    assert is_grounded("ada lovelace", PASSAGE)  # the title counts
+    assert not is_grounded("Paris", PASSAGE)
+
+
+def test_answer_spans_are_names_years_and_numbers_but_not_the_title():
+    spans = answer_spans(PASSAGE)
+    assert "1843" in spans and "Charles Babbage" in spans and "London" in spans
+    assert "Ada Lovelace" not in spans and "Ada" not in spans
+    assert "She" not in spans and "In" not in spans  # sentence-initial words are not names
+    assert len(spans) == len(set(spans))
+    assert all(is_grounded(s, PASSAGE) for s in spans)
+
+
+def test_answer_first_augmentation_with_the_real_model(default_llm):
+    config = AugmentConfig(qa_style="answer_first", rewrites=0, qa_pairs=2, attempts=2)
+    [aug] = augment(default_llm, [PASSAGE], config, show_progress=False)
+    assert 1 <= len(aug.qa) <= 2
+    spans = answer_spans(PASSAGE)
+    for qa in aug.qa:
+        assert qa["answer"] in spans  # the answer was chosen from the passage, not generated
+        assert qa["question"].endswith("?") and len(qa["question"].split()) >= 3
