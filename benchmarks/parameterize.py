@@ -35,17 +35,25 @@ from prag.parameterize import IGNORE, train_adapters, training_sequences
 from prag.store import export_peft
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """This machine's dense matmul throughput (FLOP/s), the ceiling training is compared with."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = n * 4 if device.type == "cuda" else n
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> float:
+    _sync()
     t = time.perf_counter()
     fn()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -66,8 +74,11 @@ def peft_train(model, init_dir: Path, documents, lr: float, weight_decay: float,
                 extra = pad_to - len(ids)
                 ids, labels, mask = ids + [pad_id] * extra, labels + [IGNORE] * extra, mask + [0] * extra
             optimizer.zero_grad()
+            device = peft_model.device
             loss = peft_model(
-                input_ids=torch.tensor([ids]), attention_mask=torch.tensor([mask]), labels=torch.tensor([labels])
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.tensor([mask], device=device),
+                labels=torch.tensor([labels], device=device),
             ).loss
             loss.backward()
             optimizer.step()
@@ -141,7 +152,7 @@ def main() -> None:
     tokens_per_doc = statistics.mean(sum(len(s.input_ids) for s in seqs) for seqs in documents)
     n_params = sum(p.numel() for p in llm.model.parameters())
     dtype = llm.model.dtype
-    peak = matmul_flops(dtype)
+    peak = matmul_flops(dtype, llm.device if isinstance(llm.device, torch.device) else torch.device(llm.device))
     results: dict = {
         "model": config.model.name,
         "dtype": str(dtype),

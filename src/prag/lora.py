@@ -74,9 +74,12 @@ class LoRAModel:
         return shapes
 
     def inject(self, adapter: Adapter, scale: float) -> None:
-        """Make every projection add `scale * B (A x)` with this adapter's tensors (views, no copies)."""
+        """Make every projection add `scale * B (A x)` with this adapter's tensors (views of them)."""
         for name, modules in self.layers.items():
-            A, B = adapter[f"{name}.A"], adapter[f"{name}.B"]
+            # one move to the model's device and dtype per request (a no-op in training), not per forward
+            weight = modules[0].base.weight
+            A = adapter[f"{name}.A"].to(weight.device, weight.dtype)
+            B = adapter[f"{name}.B"].to(weight.device, weight.dtype)
             for i, module in enumerate(modules):
                 # batched adapters are (L, batch, ...): index the layer, keep the batch dimension
                 module.A, module.B, module.scale = A[i], B[i], scale
