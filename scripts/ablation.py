@@ -50,7 +50,7 @@ def collect(runs: Path, reference: str, datasets: list[str]) -> dict[str, dict[s
 
 def markdown(table: dict[str, dict[str, dict]], datasets: list[str]) -> str:
     lines = [
-        "| variant | dataset | n | closed F1 | rag F1 | prag F1 | combine F1 | offline s/doc |",
+        "| variant | dataset | n | closed F1 | rag F1 | prag F1 | combine F1 | offline s/doc built |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for variant, rows in table.items():
@@ -88,8 +88,9 @@ def plot(table: dict[str, dict[str, dict]], datasets: list[str], path: str) -> N
         ax.set_xticks(list(xs), variants, rotation=45, ha="right", fontsize=8)
         ax.set_title(dataset)
         ax.set_ylabel("token F1")
-    fig.axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=120)
 
 
