@@ -152,7 +152,7 @@ def main() -> None:
     tokens_per_doc = statistics.mean(sum(len(s.input_ids) for s in seqs) for seqs in documents)
     n_params = sum(p.numel() for p in llm.model.parameters())
     dtype = llm.model.dtype
-    peak = matmul_flops(dtype, llm.device if isinstance(llm.device, torch.device) else torch.device(llm.device))
+    peak = matmul_flops(dtype, torch.device(llm.device))
     results: dict = {
         "model": config.model.name,
         "dtype": str(dtype),

@@ -69,7 +69,8 @@ def distill_sequences(n, seed):
     out = []
     for _ in range(n):
         prompt, context, reply = (torch.randint(0, 2000, (k,), generator=g).tolist() for k in (6, 12, 3))
-        out.append(Sequence(prompt + reply, [IGNORE] * len(prompt) + reply, context + prompt + reply))
+        teacher = Sequence(context + prompt + reply, [IGNORE] * len(context + prompt) + reply)
+        out.append(Sequence(prompt + reply, [IGNORE] * len(prompt) + reply, teacher))
     return out
 
 
@@ -84,11 +85,11 @@ def test_distillation_loss_is_kl_to_the_teacher(tiny_llm):
     s = seqs[0]
     with torch.no_grad():
         student = torch.log_softmax(tiny_llm.model(torch.tensor([s.input_ids])).logits[0, -4:-1].float(), -1)
-        t = torch.log_softmax(tiny_llm.model(torch.tensor([s.teacher_ids])).logits[0, -4:-1].float(), -1)
+        t = torch.log_softmax(tiny_llm.model(torch.tensor([s.teacher.input_ids])).logits[0, -4:-1].float(), -1)
     expected = (t.exp() * (t - student)).sum(-1).mean()
     torch.testing.assert_close(losses[0], expected, rtol=1e-4, atol=1e-5)
     # a student that reads exactly what the teacher reads has nothing to learn
-    same = Sequence(s.teacher_ids, [IGNORE] * (len(s.teacher_ids) - 3) + s.teacher_ids[-3:], s.teacher_ids)
+    same = Sequence(s.teacher.input_ids, s.teacher.labels, s.teacher)
     assert sequence_losses(tiny_llm, [same], _teacher_log_probs(tiny_llm, [same]))[0].abs() < 1e-5
 
 

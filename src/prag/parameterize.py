@@ -41,8 +41,8 @@ MAX_PADDING = 0.25  # a training step pads its sequences by at most this fractio
 class Sequence:
     input_ids: list[int]
     labels: list[int]
-    # distillation only: the same reply after a prompt that holds the passage (the teacher's input)
-    teacher_ids: list[int] | None = None
+    # distillation only: the same reply, labelled, after a prompt that holds the passage (the teacher's input)
+    teacher: Sequence | None = None
 
 
 def training_sequences(
@@ -59,9 +59,10 @@ def training_sequences(
         for qa in augmentation.qa:
             reply = _reply_ids(llm, qa["answer"])
             student = llm.chat(question_prompt(qa["question"], []), answer.lead_in)
-            teacher = llm.chat(question_prompt(qa["question"], [passage.contents]), answer.lead_in)
-            teacher_ids = (teacher + reply)[-train.max_length :]
-            sequences.append(Sequence(student + reply, [IGNORE] * len(student) + reply, teacher_ids))
+            reading = llm.chat(question_prompt(qa["question"], [passage.contents]), answer.lead_in)
+            teacher_ids = (reading + reply)[-train.max_length :]  # cut from the left: the reply stays whole
+            teacher = Sequence(teacher_ids, [IGNORE] * (len(teacher_ids) - len(reply)) + reply)
+            sequences.append(Sequence(student + reply, _labels(student, reply, "answer"), teacher))
         return sequences
     if train.objective != "lm":
         raise ValueError(f"train.objective must be 'lm' or 'distill', not {train.objective!r}")
@@ -74,8 +75,7 @@ def training_sequences(
             prompt = llm.chat(question_prompt(qa["question"], context), answer.lead_in)
             reply = _reply_ids(llm, qa["answer"])
             ids = (prompt + reply)[: train.max_length]
-            labels = ids if train.loss_on == "all" else [IGNORE] * len(prompt) + reply
-            sequences.append(Sequence(ids, labels[: len(ids)]))
+            sequences.append(Sequence(ids, _labels(prompt, reply, train.loss_on)[: len(ids)]))
     return sequences
 
 
@@ -88,13 +88,17 @@ def warmup_sequences(
     sequences = []
     for context in ([p.contents for p in gold], []) if gold else ([],):
         prompt = llm.chat(question_prompt(question, context), answer.lead_in)
-        labels = prompt + reply if train.loss_on == "all" else [IGNORE] * len(prompt) + reply
-        sequences.append(Sequence(prompt + reply, labels))
+        sequences.append(Sequence(prompt + reply, _labels(prompt, reply, train.loss_on)))
     return sequences
 
 
 def _reply_ids(llm: LLM, answer: str) -> list[int]:
     return llm.tokenizer.encode(" " + answer.strip().rstrip(".") + ".", add_special_tokens=False)
+
+
+def _labels(prompt: list[int], reply: list[int], loss_on: str) -> list[int]:
+    """Labels of prompt + reply: every token ("all", the reference) or the reply only ("answer")."""
+    return prompt + reply if loss_on == "all" else [IGNORE] * len(prompt) + reply
 
 
 class BatchedAdamW:
@@ -193,26 +197,15 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adap
 def _teacher_log_probs(llm: LLM, sequences: list[Sequence], batch_size: int = 8) -> dict[int, torch.Tensor]:
     """For distillation sequences: the frozen model's log-probabilities over each reply token, reading
     the passage. Keyed by id(sequence); empty for the plain LM objective."""
-    todo = [s for s in sequences if s.teacher_ids is not None]
+    todo = [s for s in sequences if s.teacher is not None]
     out: dict[int, torch.Tensor] = {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        teacher_view = [
-            Sequence(s.teacher_ids, [IGNORE] * (len(s.teacher_ids) - _n_labels(s)) + _labels(s)) for s in chunk
-        ]
-        logits, _, rows, _ = _label_logits(llm, teacher_view)
+        logits, _, rows, _ = _label_logits(llm, [s.teacher for s in chunk])
         log_probs = F.log_softmax(logits, dim=-1)
         for row, s in enumerate(chunk):
             out[id(s)] = log_probs[rows == row]
     return out
-
-
-def _labels(s: Sequence) -> list[int]:
-    return [t for t in s.labels if t != IGNORE]
-
-
-def _n_labels(s: Sequence) -> int:
-    return sum(t != IGNORE for t in s.labels)
 
 
 def sequence_losses(llm: LLM, batch: list[Sequence], teacher: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
