@@ -181,8 +181,6 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
     by_id = {p.id: p for p in passages}
     bar = tqdm(total=len(passages), desc="augment", unit="doc", disable=not show_progress)
 
-    if config.qa_style not in ("free", "answer_first"):
-        raise ValueError(f"augment.qa_style must be 'free' or 'answer_first', not {config.qa_style!r}")
     spans = {p.id: answer_spans(p) for p in passages} if config.qa_style == "answer_first" else {}
     tried: dict[str, set[str]] = {p.id: set() for p in passages}
 

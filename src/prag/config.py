@@ -25,6 +25,16 @@ NOT_KEYED = {
     "answer.top_k",
     "answer.max_new_tokens",
 }
+# Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
+CHOICES = {
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "train.objective": ("lm", "distill"),
+    "train.loss_on": ("answer", "all"),
+    "train.store_dtype": ("bfloat16", "float16", "float32"),
+    "augment.qa_style": ("free", "answer_first"),
+    "answer.merge": ("sum", "mean"),
+}
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclass
@@ -131,12 +141,20 @@ class Config:
             if isinstance(current, tuple):
                 value = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
             elif isinstance(current, bool):
-                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                value = value if isinstance(value, bool) else _parse_bool(value)
             elif isinstance(current, (int, float)):
                 value = type(current)(value)
         except ValueError as error:
             raise ValueError(f"bad value {value!r} for {dotted} ({type(current).__name__}): {error}") from None
+        _check_choice(dotted, value)
         setattr(section, key, value)
+
+    def validate(self) -> Config:
+        """Check the word-valued fields of a config built in code (`set` checks those it is given)."""
+        for dotted in CHOICES:
+            section, _, key = dotted.partition(".")
+            _check_choice(dotted, getattr(getattr(self, section), key))
+        return self
 
     def key(self, *sections: str) -> str:
         """A short stable hash of the named sections: stored artifacts are keyed by what built them.
@@ -148,3 +166,15 @@ class Config:
             values = dataclasses.asdict(getattr(self, name))
             payload[name] = {k: v for k, v in values.items() if f"{name}.{k}" not in NOT_KEYED}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _check_choice(dotted: str, value: Any) -> None:
+    if dotted in CHOICES and value not in CHOICES[dotted]:
+        raise ValueError(f"bad value {value!r} for {dotted}: choose from {', '.join(CHOICES[dotted])}")
+
+
+def _parse_bool(value: Any) -> bool:
+    text = str(value).strip().lower()
+    if text not in TRUE + FALSE:
+        raise ValueError(f"expected one of {', '.join(TRUE + FALSE)}")
+    return text in TRUE

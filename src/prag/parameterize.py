@@ -64,8 +64,6 @@ def training_sequences(
             teacher = Sequence(teacher_ids, [IGNORE] * (len(teacher_ids) - len(reply)) + reply)
             sequences.append(Sequence(student + reply, _labels(student, reply, "answer"), teacher))
         return sequences
-    if train.objective != "lm":
-        raise ValueError(f"train.objective must be 'lm' or 'distill', not {train.objective!r}")
     texts = [passage.contents] + augmentation.rewrites
     with_passage = (len(augmentation.qa) + 1) // 2
     sequences = []

@@ -50,7 +50,7 @@ class Pipeline:
 
     def __init__(self, home: str | Path, config: Config | None = None, llm: LLM | None = None):
         self.home = Path(home)
-        self.config = config or Config()
+        self.config = (config or Config()).validate()
         self._llm = llm
         self._lora_model: lora.LoRAModel | None = None
         self._retriever: Retriever | None = None
@@ -187,8 +187,6 @@ class Pipeline:
             passages = self.retrieve(question, top_k)
             timings["retrieval"] = time.perf_counter() - t
 
-        if self.config.answer.merge not in ("sum", "mean"):
-            raise ValueError(f"answer.merge must be 'sum' or 'mean', not {self.config.answer.merge!r}")
         parametric = mode in ("prag", "combine") and passages
         warm_only = not parametric and self.config.answer.init_in_all_modes and self.initial_adapter is not None
         if warm_only:  # the warmed-up model as the baseline: its initialization without any document

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from prag.config import Config
+from prag.pipeline import Pipeline
+
+
+def test_round_trip_through_a_file_with_command_line_overrides(tmp_path):
+    config = Config()
+    config.set("train.lr", "1e-3")
+    config.set("lora.target_modules", "up_proj,down_proj")
+    config.set("answer.init_in_all_modes", "yes")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    loaded = Config.load(path)
+    assert loaded == config
+    assert (loaded.train.lr, loaded.lora.target_modules, loaded.answer.init_in_all_modes) == (
+        1e-3,
+        ("up_proj", "down_proj"),
+        True,
+    )
+
+
+def test_keys_ignore_fields_that_do_not_change_what_is_stored():
+    a, b = Config(), Config()
+    b.set("train.docs_per_batch", "4")
+    b.set("answer.merge", "mean")
+    assert a.key("train", "answer") == b.key("train", "answer")
+    b.set("train.lr", "1e-3")
+    assert a.key("train", "answer") != b.key("train", "answer")
+
+
+@pytest.mark.parametrize(
+    "dotted, value, message",
+    [
+        ("train.loss_on", "al", "bad value 'al' for train.loss_on: choose from answer, all"),
+        ("answer.merge", "avg", "bad value 'avg' for answer.merge: choose from sum, mean"),
+        ("augment.qa_style", "answer-first", "augment.qa_style: choose from free, answer_first"),
+        ("answer.init_in_all_modes", "ture", "bad value 'ture' for answer.init_in_all_modes (bool)"),
+        ("train.epochs", "two", "bad value 'two' for train.epochs (int)"),
+        ("train.speed", "1", "unknown config field 'train.speed'"),
+    ],
+)
+def test_a_bad_value_names_the_field_and_leaves_the_config_unchanged(dotted, value, message):
+    config = Config()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.set(dotted, value)
+    assert config == Config()
+
+
+def test_bad_value_in_a_config_file_is_refused_before_anything_runs(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"train": {"objective": "distil"}}))
+    with pytest.raises(ValueError, match="train.objective: choose from lm, distill"):
+        Config.load(path)
+
+
+def test_a_config_built_in_code_is_checked_by_the_pipeline(tmp_path):
+    config = Config()
+    config.train.objective = "distil"
+    with pytest.raises(ValueError, match="bad value 'distil' for train.objective"):
+        Pipeline(tmp_path / "home", config)
+    assert not (tmp_path / "home").exists()
