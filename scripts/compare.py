@@ -1,0 +1,139 @@
+"""Paired comparison of two recipes evaluated on the same questions: F1 per mode with bootstrap CIs.
+
+Each recipe is one `prag eval` directory per dataset (a pattern with {dataset}). The second recipe
+(`--b`, the candidate) must hold every mode; the first (`--a`, e.g. the paper's recipe) may hold only
+the parametric modes, since `closed` and `rag` do not depend on how documents are parameterized.
+Differences are means over questions of per-question F1 differences; the 95% interval is a paired
+bootstrap over questions (10,000 resamples), so it says how much the question sample alone could
+move the difference.
+
+python scripts/compare.py --a 'runs/q100/paper/{dataset}' --b 'runs/q100/default/{dataset}' \
+    --labels paper default --datasets hotpotqa popqa 2wikimultihopqa --plot docs/default_vs_paper.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+RESAMPLES = 10_000
+
+
+def per_question_f1(run: Path) -> dict[str, dict[str, float]]:
+    """mode -> question id -> F1, from a run's predictions.jsonl."""
+    scores: dict[str, dict[str, float]] = {}
+    with open(run / "predictions.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            scores.setdefault(row["mode"], {})[row["id"]] = row["f1"]
+    return scores
+
+
+def paired(x: dict[str, float], y: dict[str, float]) -> tuple[float, float, float]:
+    """Mean of y - x over the questions both answered, with a 95% paired-bootstrap interval."""
+    ids = sorted(x.keys() & y.keys())
+    if len(ids) != len(x) or len(ids) != len(y):
+        raise ValueError(f"the runs answered different questions ({len(x)} vs {len(y)}, {len(ids)} shared)")
+    diff = np.array([y[i] - x[i] for i in ids])
+    rng = np.random.default_rng(0)
+    means = diff[rng.integers(0, len(diff), size=(RESAMPLES, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
+
+
+def mean(scores: dict[str, float]) -> float:
+    return sum(scores.values()) / len(scores)
+
+
+def fmt(d: tuple[float, float, float]) -> str:
+    return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+
+
+def compare(a: str, b: str, datasets: list[str]) -> dict[str, dict]:
+    out = {}
+    for dataset in datasets:
+        run_a, run_b = (
+            per_question_f1(Path(a.format(dataset=dataset))),
+            per_question_f1(Path(b.format(dataset=dataset))),
+        )
+        closed, rag = run_b["closed"], run_b["rag"]
+        out[dataset] = {
+            "n": len(closed),
+            "closed": mean(closed),
+            "rag": mean(rag),
+            "a": {m: mean(run_a[m]) for m in ("prag", "combine")},
+            "b": {m: mean(run_b[m]) for m in ("prag", "combine")},
+            "b_minus_a": {m: paired(run_a[m], run_b[m]) for m in ("prag", "combine")},
+            "b_vs_baselines": {
+                "prag - closed": paired(closed, run_b["prag"]),
+                "prag - rag": paired(rag, run_b["prag"]),
+                "combine - rag": paired(rag, run_b["combine"]),
+            },
+        }
+    return out
+
+
+def markdown(table: dict[str, dict], labels: tuple[str, str]) -> str:
+    a, b = labels
+    lines = [
+        f"| dataset | n | closed | rag | prag {a} | prag {b} | prag {b} - {a} | combine {a} | combine {b} "
+        f"| combine {b} - {a} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dataset, r in table.items():
+        lines.append(
+            f"| {dataset} | {r['n']} | {r['closed']:.3f} | {r['rag']:.3f} "
+            f"| {r['a']['prag']:.3f} | {r['b']['prag']:.3f} "
+            f"| {fmt(r['b_minus_a']['prag'])} | {r['a']['combine']:.3f} | {r['b']['combine']:.3f} "
+            f"| {fmt(r['b_minus_a']['combine'])} |"
+        )
+    lines += ["", f"| dataset | {b}: prag - closed | prag - rag | combine - rag |", "|---|---|---|---|"]
+    for dataset, r in table.items():
+        lines.append(f"| {dataset} | " + " | ".join(fmt(d) for d in r["b_vs_baselines"].values()) + " |")
+    return "\n".join(lines)
+
+
+def plot(table: dict[str, dict], labels: tuple[str, str], path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4 * len(table), 3.6))
+    FigureCanvasAgg(fig)
+    for i, (dataset, r) in enumerate(table.items()):
+        ax = fig.add_subplot(1, len(table), i + 1)
+        names = [
+            "closed",
+            "rag",
+            f"prag\n{labels[0]}",
+            f"prag\n{labels[1]}",
+            f"combine\n{labels[0]}",
+            f"combine\n{labels[1]}",
+        ]
+        values = [r["closed"], r["rag"], r["a"]["prag"], r["b"]["prag"], r["a"]["combine"], r["b"]["combine"]]
+        ax.bar(range(6), values, color=["0.6", "0.3", "C0", "C1", "C0", "C1"])
+        ax.set_xticks(range(6), names, fontsize=7)
+        ax.set_title(f"{dataset} (n={r['n']})")
+        ax.set_ylabel("token F1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--a", required=True, help="baseline recipe's runs, e.g. 'runs/q100/paper/{dataset}'")
+    parser.add_argument("--b", required=True, help="candidate recipe's runs (all four modes)")
+    parser.add_argument("--labels", nargs=2, default=("a", "b"))
+    parser.add_argument("--datasets", nargs="+", required=True)
+    parser.add_argument("--plot", help="write F1 per mode and recipe here (PNG)")
+    args = parser.parse_args()
+    table = compare(args.a, args.b, args.datasets)
+    print(markdown(table, tuple(args.labels)))
+    if args.plot:
+        plot(table, tuple(args.labels), args.plot)
+
+
+if __name__ == "__main__":
+    main()
