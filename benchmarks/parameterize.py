@@ -189,9 +189,9 @@ def main() -> None:
     ours = train_adapters(llm, lm, documents, config.lora, config.train, initial=init, show_progress=True)
     ours_s = time.perf_counter() - t
     train_tokens = tokens_per_doc * len(documents) * config.train.epochs
+    labelled_tokens = labelled_per_doc * len(documents) * config.train.epochs
     # forward 2*P*T plus backward to the activations 2*P*T (the frozen weights need no gradient)
-    docs = len(documents) * config.train.epochs
-    train_flops = 4 * docs * (body_params * tokens_per_doc + head.numel() * labelled_per_doc)
+    train_flops = 4 * (body_params * train_tokens + head.numel() * labelled_tokens)
     results["ours"] = {
         "docs_per_min": 60 * len(documents) / ours_s,
         "tokens_per_s": train_tokens / ours_s,

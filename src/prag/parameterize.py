@@ -60,8 +60,10 @@ def training_sequences(
             reply = _reply_ids(llm, qa["answer"])
             student = llm.chat(question_prompt(qa["question"], []), answer.lead_in)
             reading = llm.chat(question_prompt(qa["question"], [passage.contents]), answer.lead_in)
-            teacher_ids = (reading + reply)[-train.max_length :]  # cut from the left: the reply stays whole
-            teacher = Sequence(teacher_ids, [IGNORE] * (len(teacher_ids) - len(reply)) + reply)
+            # cut from the left, so the reply the two distributions are compared on stays whole
+            teacher = Sequence(
+                (reading + reply)[-train.max_length :], _labels(reading, reply, "answer")[-train.max_length :]
+            )
             sequences.append(Sequence(student + reply, _labels(student, reply, "answer"), teacher))
         return sequences
     texts = [passage.contents] + augmentation.rewrites
