@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 
 from prag.config import LoRAConfig, TrainConfig
@@ -112,3 +115,34 @@ def test_distillation_training_moves_the_student_toward_the_teacher(tiny_llm):
     alone = train_adapters(tiny_llm, lora_model, docs[1:], lora_config, train, show_progress=False)[0]
     for key in alone:
         torch.testing.assert_close(adapters[1][key], alone[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_equals_eager_and_leaves_the_model_eager(tiny_llm):
+    from prag.lora import find_decoder_layers
+    from prag.parameterize import compiled_decoder
+
+    lora_model = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    lora_config, train = LoRAConfig(), TrainConfig(lr=1e-3, epochs=2, docs_per_batch=8)
+    documents = [make_sequences(3, [20, 7, 13], seed=1), make_sequences(2, [18, 30], seed=3)]
+    eager = train_adapters(tiny_llm, lora_model, documents, lora_config, train, show_progress=False)
+    layers = list(find_decoder_layers(tiny_llm.model))
+    with compiled_decoder(tiny_llm.model):
+        assert all(
+            type(layer) is not type(original)
+            for layer, original in zip(find_decoder_layers(tiny_llm.model), layers, strict=True)
+        )
+        compiled = train_adapters(tiny_llm, lora_model, documents, lora_config, train, show_progress=False)
+    assert list(find_decoder_layers(tiny_llm.model)) == layers  # the very same eager modules are back
+    for c, e in zip(compiled, eager, strict=True):
+        for key in c:
+            torch.testing.assert_close(c[key], e[key], rtol=1e-4, atol=1e-4)
+
+
+def test_compile_decision():
+    from prag.parameterize import COMPILE_MIN_DOCS, should_compile
+
+    cpu = torch.device("cpu")
+    assert should_compile(TrainConfig(compile="on"), 1, cpu)
+    assert not should_compile(TrainConfig(compile="off"), 10 * COMPILE_MIN_DOCS, cpu)
+    assert not should_compile(TrainConfig(), COMPILE_MIN_DOCS - 1, cpu)  # not worth its compile time

@@ -90,12 +90,12 @@ class LoRAModel:
                 module.A = module.B = None
 
 
-def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks of a Llama/Qwen2/Mistral-style model (each has an `mlp`)."""
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Llama/Qwen2/Mistral-style model (each has an `mlp`), as the model holds them."""
     for candidate in (getattr(model, "model", None), model):
         layers = getattr(candidate, "layers", None)
         if layers is not None and all(hasattr(layer, "mlp") for layer in layers):
-            return list(layers)
+            return layers
     raise ValueError(f"{type(model).__name__}: no decoder layers with an `mlp` (gate/up/down) found")
 
 

@@ -20,21 +20,29 @@ distributions are computed once per document group, before training.
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import Augmentation
 from .config import AnswerConfig, LoRAConfig, TrainConfig
 from .corpus import Passage
 from .llm import LLM
-from .lora import Adapter, LoRAModel, init_adapter
+from .lora import Adapter, LoRAModel, find_decoder_layers, init_adapter
 from .prompt import question_prompt
 
 IGNORE = -100
 MAX_PADDING = 0.25  # a training step pads its sequences by at most this fraction of their length
+# train.compile=auto compiles from this many documents on: compiling costs ~30 s per process on the
+# benchmark's 2-core CPU and saves ~0.4 s per document there (docs/performance.md)
+COMPILE_MIN_DOCS = 100
 
 
 @dataclass
@@ -193,6 +201,39 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adap
     return [{k: p[:, j].detach().to("cpu").clone() for k, p in params.items()} for j in range(n)]
 
 
+def should_compile(train: TrainConfig, num_documents: int, device: torch.device) -> bool:
+    """train.compile as a decision: "auto" compiles for big enough jobs where a compiler is at hand."""
+    if train.compile != "auto":
+        return train.compile == "on"
+    if device.type == "cuda":
+        have_compiler = importlib.util.find_spec("triton") is not None
+    else:
+        have_compiler = any(shutil.which(cxx) for cxx in ("g++", "clang++"))
+    return num_documents >= COMPILE_MIN_DOCS and have_compiler
+
+
+@contextmanager
+def compiled_decoder(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run the decoder layers through torch.compile inside the block (training), eager outside it.
+
+    Every layer has the same code, so one compiled graph (per input shape class) serves all of them:
+    it fuses the norms, rotary embedding, activation and LoRA adds around the matmuls. Generation
+    keeps the eager layers: its KV cache would make the compiled graphs recompile per length.
+    """
+    if not enabled:
+        yield
+        return
+    layers = find_decoder_layers(model)
+    eager = list(layers)
+    for i, layer in enumerate(eager):
+        layers[i] = torch.compile(layer, dynamic=True)
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(eager):
+            layers[i] = layer
+
+
 @torch.no_grad()
 def _teacher_log_probs(llm: LLM, sequences: list[Sequence], batch_size: int = 8) -> dict[int, torch.Tensor]:
     """For distillation sequences: the frozen model's log-probabilities over each reply token, reading
@@ -235,7 +276,7 @@ def _label_logits(llm: LLM, batch: list[Sequence]) -> tuple[torch.Tensor, ...]:
     ids, labels = ids.to(llm.device), labels.to(llm.device)
     # Right padding only: causal attention keeps real tokens from seeing the padding, so no mask
     # (which would also cost the fused causal attention kernel).
-    hidden = llm.model.model(input_ids=ids).last_hidden_state
+    hidden = llm.model.model(input_ids=ids, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
     logits = llm.model.lm_head(hidden[:, :-1][keep]).float()

@@ -27,7 +27,7 @@ from .augment import augment
 from .config import Config
 from .corpus import Passage, read_corpus
 from .llm import LLM
-from .parameterize import train_adapters, training_sequences, warmup_sequences
+from .parameterize import compiled_decoder, should_compile, train_adapters, training_sequences, warmup_sequences
 from .prompt import answer_done, question_prompt, short_answer
 from .retrieval import BM25Retriever, Retriever, load_retriever
 from .store import AdapterStore, AugmentationStore
@@ -107,6 +107,14 @@ class Pipeline:
         self._meta_once()
         self.augment_missing(todo, show_progress)
         bar = tqdm(total=len(todo), desc="parameterize", unit="doc", disable=not show_progress)
+        compile_layers = should_compile(cfg.train, len(todo), self.llm.device)
+        with compiled_decoder(self.llm.model, compile_layers):
+            self._train_and_store(todo, bar)
+        bar.close()
+        return len(todo)
+
+    def _train_and_store(self, todo: list[Passage], bar: tqdm) -> None:
+        cfg = self.config
         for start in range(0, len(todo), cfg.train.docs_per_batch):
             group = todo[start : start + cfg.train.docs_per_batch]
             sequences = [
@@ -118,8 +126,6 @@ class Pipeline:
             for passage, adapter in zip(group, adapters, strict=True):
                 self.adapters.put(passage.id, adapter)
             bar.update(len(group))
-        bar.close()
-        return len(todo)
 
     @property
     def initial_adapter(self) -> lora.Adapter | None:
