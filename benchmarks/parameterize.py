@@ -16,6 +16,11 @@ store + concatenation + tensor injection), and question latency of `prag` vs
 
     python benchmarks/parameterize.py --home runs/bench --corpus ../shared/data/corpus.jsonl \
         --questions ../shared/data/qa/popqa/dev.jsonl --docs 16 --peft-docs 4 --reference-docs 1
+
+On a machine the model file and corpus cannot reach (the GPU machine: nothing outside it can be
+reached), save the training sequences here with `--save-documents F` and run the training part
+there from F and a model directory of config and tokenizer files, with `--documents F --model-dir D
+--random-weights` (benchmarks/gpu_run.sh does this).
 """
 
 from __future__ import annotations
@@ -32,8 +37,35 @@ import torch
 from prag import Config, Pipeline, lora
 from prag.augment import augment
 from prag.evaluate import load_questions
-from prag.parameterize import IGNORE, compiled_decoder, train_adapters, training_sequences
+from prag.llm import LLM, pick_device_dtype
+from prag.parameterize import IGNORE, Sequence, compiled_decoder, train_adapters, training_sequences
 from prag.store import export_peft
+
+
+def save_documents(documents: list[list[Sequence]], path: Path) -> None:
+    rows = [[{"input_ids": s.input_ids, "labels": s.labels} for s in seqs] for seqs in documents]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"documents": rows}))
+
+
+def load_documents(path: Path) -> list[list[Sequence]]:
+    return [[Sequence(s["input_ids"], s["labels"]) for s in seqs] for seqs in json.loads(path.read_text())["documents"]]
+
+
+def load_model_dir(model_dir: Path, config: Config, random_weights: bool) -> LLM:
+    """The model to time: a Hugging Face directory's weights, or its architecture randomly initialised
+    (what a machine gets that the model file cannot be copied to)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config.model.name = str(model_dir)
+    if not random_weights:
+        return LLM.load(config.model)
+    device, dtype = pick_device_dtype(config.model)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    return LLM(model, AutoTokenizer.from_pretrained(model_dir), f"{model_dir.name} (random weights)")
 
 
 def matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 20) -> float:
@@ -135,23 +167,45 @@ def main() -> None:
     parser.add_argument("--latency-questions", type=int, default=20)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled path")
+    parser.add_argument("--save-documents", help="also write the training sequences here (JSON), for --documents")
+    parser.add_argument(
+        "--documents",
+        help="train on sequences saved by --save-documents instead of a workspace (no augmentation "
+        "or question latency then): the machine needs no corpus, index or model file, see --model-dir",
+    )
+    parser.add_argument("--model-dir", help="with --documents: a Hugging Face model directory (config, tokenizer)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="with --model-dir: a randomly initialised model of its "
+        "architecture (training speed does not depend on the weights' values)",
+    )
     parser.add_argument("--out", default="runs/bench/parameterize.json")
     args = parser.parse_args()
 
     config = Config()
-    pipeline = Pipeline(args.home, config)
-    if not (Path(args.home) / "index" / "retriever.json").exists():
-        pipeline.index(args.corpus, show_progress=False)
-    llm, lm = pipeline.llm, pipeline.lora_model
-    questions = load_questions(args.questions, limit=max(args.latency_questions, args.docs))
-    passages = list({p.id: p for q in questions for p in pipeline.retrieve(q.question, args.top_k)}.values())
-    passages = passages[: args.docs]
-
-    print(f"augmenting {len(passages)} documents (stored and reused across paths and runs)...")
-    pipeline.augment_missing(passages)
-    documents = [
-        training_sequences(llm, p, pipeline.augmentations.get(p.id), config.train, config.answer) for p in passages
-    ]
+    if args.documents:  # training sequences saved by an earlier run: no corpus, index or augmentation needed
+        llm = load_model_dir(Path(args.model_dir), config, args.random_weights)
+        pipeline = Pipeline(tempfile.mkdtemp(prefix="bench-home-"), config, llm=llm)
+        documents = load_documents(Path(args.documents))[: args.docs]
+        doc_ids, passages, questions = [f"doc{i}" for i in range(len(documents))], [], []
+    else:
+        pipeline = Pipeline(args.home, config)
+        if not (Path(args.home) / "index" / "retriever.json").exists():
+            pipeline.index(args.corpus, show_progress=False)
+        llm = pipeline.llm
+        questions = load_questions(args.questions, limit=max(args.latency_questions, args.docs))
+        passages = list({p.id: p for q in questions for p in pipeline.retrieve(q.question, args.top_k)}.values())
+        passages = passages[: args.docs]
+        print(f"augmenting {len(passages)} documents (stored and reused across paths and runs)...")
+        pipeline.augment_missing(passages)
+        documents = [
+            training_sequences(llm, p, pipeline.augmentations.get(p.id), config.train, config.answer) for p in passages
+        ]
+        doc_ids = [p.id for p in passages]
+        if args.save_documents:
+            save_documents(documents, Path(args.save_documents))
+    lm = pipeline.lora_model
     tokens_per_doc = statistics.mean(sum(len(s.input_ids) for s in seqs) for seqs in documents)
     # Matmul FLOPs per token: every weight of the decoder layers, plus the vocabulary projection only at
     # positions that carry a label (our trainer computes logits there only). Embedding lookups are free.
@@ -274,18 +328,18 @@ def main() -> None:
         base = base32.to(dtype)
 
     # adapter bytes per document, then per-question load+merge at top-k from the store
-    for p, adapter in zip(passages, ours, strict=True):
-        if not pipeline.adapters.has(p.id):
-            pipeline.adapters.put(p.id, adapter)
+    for doc_id, adapter in zip(doc_ids, ours, strict=True):
+        if not pipeline.adapters.has(doc_id):
+            pipeline.adapters.put(doc_id, adapter)
     results["adapter_bytes"] = {
-        "ours": pipeline.adapters.path(passages[0].id).stat().st_size,
+        "ours": pipeline.adapters.path(doc_ids[0]).stat().st_size,
         "peft_fp32": (peft_dirs[0] / "adapter_model.safetensors").stat().st_size,
     }
     groups = [peft_dirs[i : i + args.top_k] for i in range(0, len(peft_dirs) - args.top_k + 1)] or [peft_dirs]
     peft_times = [peft_load_merge(base, groups[i % len(groups)]) for i in range(5)]
     lm = lora.LoRAModel(base, config.lora.target_modules)
     pipeline._lora_model = lm
-    ids = [p.id for p in passages]
+    ids = doc_ids
 
     def ours_load_merge(i):
         chosen = [ids[(i + j) % len(ids)] for j in range(args.top_k)]
