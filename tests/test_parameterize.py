@@ -119,6 +119,8 @@ def test_distillation_training_moves_the_student_toward_the_teacher(tiny_llm):
 
 @pytest.mark.skipif(not shutil.which("g++"), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_training_equals_eager_and_leaves_the_model_eager(tiny_llm):
+    from torch._dynamo.utils import counters
+
     from prag.lora import find_decoder_layers
     from prag.parameterize import compiled_decoder
 
@@ -127,12 +129,14 @@ def test_compiled_training_equals_eager_and_leaves_the_model_eager(tiny_llm):
     documents = [make_sequences(3, [20, 7, 13], seed=1), make_sequences(2, [18, 30], seed=3)]
     eager = train_adapters(tiny_llm, lora_model, documents, lora_config, train, show_progress=False)
     layers = list(find_decoder_layers(tiny_llm.model))
+    counters.clear()
     with compiled_decoder(tiny_llm.model):
         assert all(
             type(layer) is not type(original)
             for layer, original in zip(find_decoder_layers(tiny_llm.model), layers, strict=True)
         )
         compiled = train_adapters(tiny_llm, lora_model, documents, lora_config, train, show_progress=False)
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo did compile (no silent fallback to eager)
     assert list(find_decoder_layers(tiny_llm.model)) == layers  # the very same eager modules are back
     for c, e in zip(compiled, eager, strict=True):
         for key in c:
