@@ -9,7 +9,7 @@
 #   1. here, once (CPU; needs ../shared/data and the default model, i.e. after `make test`):
 #        benchmarks/gpu_run.sh prepare          # writes .gpu/ (git-ignored), ~5 min if runs/bench is new
 #   2. through the device tool: run command "benchmarks/gpu_run.sh device", carry [".gpu"]
-#      (about 3 minutes on the GPU; the JSON and log come back in $OUT)
+#      (about 4 minutes on the GPU; the JSON and log come back in $OUT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,9 +17,9 @@ case "${1:-}" in
 prepare)
     python=.venv/bin/python
     mkdir -p .gpu/model .gpu/whl
-    # the benchmark's 16 documents, their training sequences saved (cheap settings: only this file matters)
+    # the benchmark's 64 documents, their training sequences saved (cheap settings: only this file matters)
     PYTHONPATH=src $python benchmarks/parameterize.py --home runs/bench --corpus ../shared/data/corpus.jsonl \
-        --questions ../shared/data/qa/popqa/dev.jsonl --docs 16 --peft-docs 1 --reference-docs 0 \
+        --questions ../shared/data/qa/popqa/dev.jsonl --docs 64 --peft-docs 1 --reference-docs 0 \
         --augment-docs 0 --latency-questions 0 --no-compile --save-documents .gpu/sequences.json \
         --out runs/bench/prepare.json
     model_dir=$($python -c "from prag.llm import resolve_model_dir; print(resolve_model_dir('SmolLM2-135M-Instruct'))")
@@ -44,7 +44,8 @@ device)
     export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
     (nvidia-smi -L || echo "no GPU") | tee "$out/gpu.txt"
     python3 benchmarks/parameterize.py --documents .gpu/sequences.json --model-dir .gpu/model --random-weights \
-        --docs 16 --peft-docs 16 --reference-docs 1 --out "$out/parameterize_gpu.json" 2>&1 | tee "$out/log.txt"
+        --docs 64 --peft-docs 16 --reference-docs 1 --batch-sizes 8,16,32,64 --out "$out/parameterize_gpu.json" \
+        2>&1 | tee "$out/log.txt"
     ;;
 *)
     echo "usage: $0 prepare|device" >&2
