@@ -237,7 +237,8 @@ def main() -> None:
         print(f"augmenting {len(passages)} documents (stored and reused across paths and runs)...")
         pipeline.augment_missing(passages)
         documents = [
-            training_sequences(llm, p, pipeline.augmentations.get(p.id), config.train, config.answer) for p in passages
+            training_sequences(llm, p, pipeline.augmentations.get(p.id), config.train, pipeline.format)
+            for p in passages
         ]
         doc_ids = [p.id for p in passages]
         if args.save_documents:

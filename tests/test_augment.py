@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prag.augment import answer_spans, augment, is_grounded, parse_qa
+from prag.augment import _rewrite_done, answer_spans, augment, is_grounded, parse_qa, rewrite_body
 from prag.config import AugmentConfig
 from prag.corpus import Passage
 
@@ -52,3 +52,36 @@ def test_answer_first_augmentation_with_the_real_model(default_llm):
     for qa in aug.qa:
         assert qa["answer"] in spans  # the answer was chosen from the passage, not generated
         assert qa["question"].endswith("?") and len(qa["question"].split()) >= 3
+
+
+def test_parse_qa_with_full_answers():
+    text = (
+        " Who designed the Analytical Engine?\nAnswer: Charles Babbage\n"
+        "Full answer: The Analytical Engine was designed by Charles Babbage.\n"
+        "Question: When were the notes published?\nAnswer: 1843\nFull answer: She published them later.\n"
+        "Question: Where did she die?\nAnswer: London"
+    )
+    pairs, problems = parse_qa(text, full_answers=True)
+    assert pairs == [
+        {
+            "question": "Who designed the Analytical Engine?",
+            "answer": "Charles Babbage",
+            "full_answer": "The Analytical Engine was designed by Charles Babbage.",
+        },
+        # a full answer that does not state the short answer is left out, the pair kept
+        {"question": "When were the notes published?", "answer": "1843", "full_answer": ""},
+        {"question": "Where did she die?", "answer": "London", "full_answer": ""},
+    ]
+    assert problems == {"full_answer_missing": 2}
+    assert parse_qa(text)[0][0] == {"question": "Who designed the Analytical Engine?", "answer": "Charles Babbage"}
+
+
+def test_a_rewrite_after_a_preamble_is_kept():
+    body = "Ada Lovelace, an English mathematician, published notes on Babbage's Analytical Engine in 1843."
+    assert rewrite_body(f"Here is a rewritten version of the passage:\n\n{body}\n\nI hope this helps!") == body
+    assert rewrite_body(f"Sure! Here's the revised text:\n\n{body}") == body
+    assert rewrite_body(body) == body
+    assert rewrite_body("Here is a rewritten version:\n\n") == ""
+    # generation stops after the first paragraph of rewrite, not after the preamble
+    assert not _rewrite_done("Here is a rewritten version:\n\nAda Love")
+    assert _rewrite_done(f"Here is a rewritten version:\n\n{body}\n\nI")

@@ -60,6 +60,7 @@ def test_demo_corpus_reads():
         (["", {"id": "1", "title": "t"}], 2, "missing field 'text'"),
         ([{"title": "t", "text": "a"}], 1, "missing field 'id'"),
         ([{"id": " ", "text": "a"}], 1, "empty id"),
+        ([{"id": "a", "text": "x"}, {"id": "b", "title": "", "text": "  "}], 2, "passage 'b' is empty"),
         (
             [{"id": "x", "text": "a"}, {"id": "y", "text": "b"}, {"id": "x", "text": "c"}],
             3,

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import torch
 
-from prag import MODES, Config, Pipeline
+from prag import ALL_MODES, Config, Pipeline
 from prag.corpus import read_corpus
-from prag.prompt import question_prompt
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 
@@ -20,17 +19,24 @@ def test_every_mode_answers_a_real_question(default_llm, tmp_path):
     assert pipeline.index(DEMO / "corpus.jsonl", show_progress=False) == len(read_corpus(DEMO / "corpus.jsonl"))
 
     question = "What is George Rankin's occupation?"
-    answers = {mode: pipeline.answer(question, mode) for mode in MODES}
+    answers = {mode: pipeline.answer(question, mode) for mode in ALL_MODES}
 
     retrieved = [p.title for p in answers["rag"].passages]
     assert "George Rankin" in retrieved and len(retrieved) == 2
     assert answers["closed"].passages == []
     for mode, answer in answers.items():
         assert answer.text and answer.short_answer, mode
-        assert answer.timings["generation"] > 0
+        assert 0 < answer.timings["first_token"] < answer.timings["generation"] and answer.new_tokens > 1
     for mode in ("prag", "combine"):
         assert answers[mode].timings["load_merge"] > 0
         assert [p.id for p in answers[mode].passages] == [p.id for p in answers["rag"].passages]
+        assert answers[mode].lora_passages == answers[mode].passages
+    # the controls: the question's own passages retrieved, unrelated documents' LoRAs merged
+    for mode in ("prag-unrelated", "combine-unrelated"):
+        own = {p.id for p in answers[mode].passages}
+        assert own == {p.id for p in answers["rag"].passages}
+        assert len(answers[mode].lora_passages) == 2 and not own & {p.id for p in answers[mode].lora_passages}
+    assert answers["prag-unrelated"].lora_passages == answers["combine-unrelated"].lora_passages  # seeded
     # lazily parameterized when first retrieved, then reused from the store
     assert all(pipeline.adapters.has(p.id) for p in answers["prag"].passages)
     for p in answers["prag"].passages:
@@ -39,7 +45,7 @@ def test_every_mode_answers_a_real_question(default_llm, tmp_path):
     assert answers["prag"].timings["parameterize"] > answers["combine"].timings["parameterize"]
 
     # the injected LoRAs really change the model: logits differ from the closed-book model
-    prompt = torch.tensor([default_llm.chat(question_prompt(question, []), config.answer.lead_in)])
+    prompt = torch.tensor([pipeline.format.chat_ids(default_llm, question, [])])
     with torch.no_grad():
         base = default_llm.model(prompt).logits[0, -1]
         from prag import lora
@@ -133,7 +139,7 @@ def test_warmup_initializes_distilled_documents(default_llm, tmp_path):
     assert not torch.allclose(adapter["down_proj.B"].float(), warm_adapter["down_proj.B"], atol=1e-4)
 
     # init_in_all_modes: the closed-book baseline runs the warmed-up model
-    prompt = torch.tensor([default_llm.chat(question_prompt(question, []), config.answer.lead_in)])
+    prompt = torch.tensor([pipeline.format.chat_ids(default_llm, question, [])])
     with torch.no_grad():
         base = default_llm.model(prompt).logits[0, -1]
         pipeline.lora_model.inject(pipeline.initial_adapter, config.lora.scale)

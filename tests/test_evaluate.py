@@ -6,14 +6,17 @@ from types import SimpleNamespace
 import pytest
 
 from prag.evaluate import (
+    REPORT_SIZE,
     Evaluation,
     Question,
     exact_match,
     latency_summary,
     load_questions,
     normalize_answer,
+    paired_bootstrap,
     recall_at_k,
     token_f1,
+    unrelated_partners,
     write_results,
 )
 
@@ -47,9 +50,20 @@ def test_token_f1():
     assert token_f1("Barack Obama Jr", ["Michelle", "Barack Obama"]) == pytest.approx(0.8)  # max over golds
     assert token_f1("the cat", ["a cat!"]) == 1.0
     assert token_f1("dog", ["cat"]) == 0.0
-    assert token_f1("the", ["an"]) == 1.0  # both empty after normalisation
+    assert token_f1("the", ["an"]) == 0.0  # a gold answer that normalises to nothing matches nothing
+    assert token_f1("", ["an", "cat"]) == 0.0 and exact_match("", ["the"]) == 0.0
     assert token_f1("the", ["cat"]) == 0.0
     assert token_f1("cat cat", ["cat"]) == pytest.approx(2 * 0.5 * 1 / 1.5)  # repeated tokens counted once
+
+
+def test_yes_no_rule():
+    """The reference's rule: F1 is 0 unless both or neither side is yes / no / noanswer."""
+    assert token_f1("yes", ["yes"]) == 1.0 and token_f1("No.", ["no"]) == 1.0
+    assert token_f1("yes", ["no"]) == 0.0
+    assert token_f1("yes it is", ["yes"]) == 0.0  # plain token F1 would give 0.5
+    assert token_f1("no", ["no man's land"]) == 0.0  # plain token F1 would give 0.5
+    assert token_f1("yes", ["no", "yes"]) == 1.0  # max over golds
+    assert token_f1("noanswer", ["Paris"]) == 0.0
 
 
 def test_recall_at_k():
@@ -130,11 +144,21 @@ def test_evaluation_and_write_results(tmp_path):
     ev = Evaluation()
     rec = ev.add(q0, "closed", _answer("Bob", generation=0.1))
     assert rec["passages"] == [] and rec["recall"] is None and rec["em"] == 0.0
-    assert rec["timings_ms"] == {"retrieval": 0.0, "load_merge": 0.0, "generation": 100.0, "total": 100.0}
+    assert rec["timings_ms"] == {
+        "retrieval": 0.0,
+        "load_merge": 0.0,
+        "generation": 100.0,
+        "total": 100.0,
+        "first_token": 100.0,  # no clock: all of generation
+        "per_token": 0.0,
+    }
     ev.add(q1, "closed", _answer("x", generation=0.3))
     ev.add(q2, "closed", _answer("in 1999", generation=0.2))
-    rec = ev.add(q0, "rag", _answer("Ann", [pa, pb], retrieval=0.01, generation=0.2))
+    answer = _answer("Ann", [pa, pb], retrieval=0.01, generation=0.2, first_token=0.05)
+    answer.new_tokens = 4
+    rec = ev.add(q0, "rag", answer)
     assert rec["recall"] == 0.5
+    assert (rec["timings_ms"]["first_token"], rec["timings_ms"]["per_token"]) == (50.0, 50.0)  # 150 ms / 3 tokens
     assert rec["passages"] == [{"id": "1", "title": "T1"}, {"id": "2", "title": "T9"}]
     assert rec["timings_ms"]["total"] == 210.0 and rec["generation"] == "reasoning... Ann"
     ev.add(q1, "rag", _answer("z", [pa], retrieval=0.01, generation=0.2))  # no supporting titles: skipped
@@ -143,12 +167,13 @@ def test_evaluation_and_write_results(tmp_path):
     ev.add(q0, "prag", _answer("Ann", [pa], retrieval=0.01, load_merge=0.5, generation=0.2))
 
     m = ev.metrics("toy", top_k=2, model="tiny", extra={"command": "prag eval"})
-    assert set(m) == {"dataset", "n", "top_k", "model", "retrieval", "modes", "command"}
+    assert set(m) == {"dataset", "n", "top_k", "model", "retrieval", "modes", "comparisons", "command"}
+    assert set(m["comparisons"]) == {"prag - closed", "prag - rag"}
     assert (m["dataset"], m["n"], m["top_k"], m["model"]) == ("toy", 3, 2, "tiny")
     assert m["retrieval"]["recall@k"] == pytest.approx((0.5 + 0.0) / 2)
     assert list(m["modes"]) == ["closed", "rag", "prag"]
     closed, rag, prag = m["modes"]["closed"], m["modes"]["rag"], m["modes"]["prag"]
-    assert set(closed) == {"em", "f1", "n", "latency_ms", "by_type"}
+    assert set(closed) == {"em", "f1", "n", "latency_ms", "by_type", "new_tokens"}
     assert closed["n"] == 3 and closed["em"] == pytest.approx(1 / 3, abs=1e-4)
     assert closed["f1"] == round((0 + 1 + 2 / 3) / 3, 4)  # "in 1999" vs "1999": p=1/2, r=1 -> 2/3
     assert rag["em"] == round(2 / 3, 4) and prag == {**prag, "em": 1.0, "f1": 1.0, "n": 1}
@@ -188,3 +213,55 @@ def test_no_recall_when_no_supporting_titles():
     ev = Evaluation()
     ev.add(q, "rag", _answer("a", [Passage(id="1", title="T", text="")]))
     assert ev.metrics("d", 1, "m")["retrieval"]["recall@k"] is None
+
+
+def test_report_and_tune_slices(tmp_path):
+    rows = [{"id": f"q{i}", "question": f"Q{i}?", "golden_answers": ["a"]} for i in range(REPORT_SIZE + 30)]
+    p = _write_jsonl(tmp_path / "d.jsonl", rows)
+    report = load_questions(p, slice="report")
+    tune = load_questions(p, slice="tune")
+    assert [q.id for q in report] == [f"q{i}" for i in range(REPORT_SIZE)]
+    assert [q.id for q in tune] == [f"q{i}" for i in range(REPORT_SIZE, REPORT_SIZE + 30)]
+    assert [q.id for q in load_questions(p, slice="tune", offset=5, limit=2)] == ["q105", "q106"]
+    assert [q.id for q in load_questions(p, slice="report", offset=98, limit=10)] == ["q98", "q99"]  # never past 100
+    assert len(load_questions(p)) == REPORT_SIZE + 30
+    with pytest.raises(ValueError, match="unknown slice"):
+        load_questions(p, slice="test")
+
+
+def test_paired_bootstrap():
+    same = paired_bootstrap([0.5, 1.0, 0.0], [0.5, 1.0, 0.0])
+    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0}
+    better = paired_bootstrap([1.0] * 20 + [0.0] * 5, [0.0] * 25)
+    assert better["diff"] == 0.8 and 0.6 < better["low"] < better["diff"] < better["high"] <= 0.96
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 0.0])
+
+
+def test_unrelated_partners_share_no_document():
+    qs = [Question(f"q{i}", "?", ["a"], None, []) for i in range(4)]
+    P = Passage
+    retrieved = {
+        "q0": [P("1", "", ""), P("2", "", "")],
+        "q1": [P("2", "", ""), P("3", "", "")],  # overlaps q0 and q2
+        "q2": [P("3", "", ""), P("4", "", "")],
+        "q3": [P("5", "", "")],
+    }
+    partners = unrelated_partners(qs, retrieved)
+    assert partners == {"q0": "q2", "q1": "q3", "q2": "q3", "q3": "q0"}
+    for q, other in partners.items():
+        assert not {p.id for p in retrieved[q]} & {p.id for p in retrieved[other]}
+    with pytest.raises(ValueError, match="disjoint"):
+        unrelated_partners(qs[:2], {"q0": retrieved["q0"], "q1": retrieved["q1"]})
+
+
+def test_comparisons_in_metrics():
+    qs = [Question(f"q{i}", "?", ["Ann"], None, []) for i in range(10)]
+    ev = Evaluation()
+    for i, q in enumerate(qs):
+        ev.add(q, "rag", _answer("Ann" if i < 3 else "Bob", generation=0.1))
+        ev.add(q, "prag", _answer("Ann" if i < 6 else "Bob", generation=0.1))
+        ev.add(q, "prag-unrelated", _answer("Ann" if i < 6 else "Bob", generation=0.1))
+    c = ev.metrics("toy", 3, "m")["comparisons"]
+    assert set(c) == {"prag - rag", "prag - prag-unrelated"}
+    assert c["prag - rag"]["diff"] == 0.3 and c["prag - prag-unrelated"] == {"diff": 0.0, "low": 0.0, "high": 0.0}

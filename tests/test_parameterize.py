@@ -9,7 +9,7 @@ import torch
 
 from prag.config import LoRAConfig, TrainConfig
 from prag.lora import LoRAModel, init_adapter
-from prag.parameterize import IGNORE, Sequence, train_adapters
+from prag.parameterize import IGNORE, Sequence, train_adapters, training_sequences
 
 
 def make_sequences(n, lengths, seed):
@@ -42,6 +42,44 @@ def test_batched_training_equals_one_by_one(tiny_llm):
         for key in b:
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
         assert not torch.equal(b["down_proj.B"], initial["down_proj.B"])  # training moved it
+
+
+def test_a_token_budget_per_step_keeps_training_exact(tiny_llm):
+    """With room for only a few sequences per step, documents wait their turn and learn the same."""
+    lora_model = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    documents = [make_sequences(2, [20, 19], seed=s) for s in range(5)]
+    free = train_adapters(tiny_llm, lora_model, documents, LoRAConfig(), TrainConfig(lr=1e-3), show_progress=False)
+    tight = TrainConfig(lr=1e-3, max_tokens_per_step=45)  # two sequences of ~20 tokens a step
+    budget = train_adapters(tiny_llm, lora_model, documents, LoRAConfig(), tight, show_progress=False)
+    for a, b in zip(free, budget, strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_training_sequences_fit_the_length_cap_and_never_lose_the_reply(tokenizer):
+    """A passage too long for train.max_length is shortened in the prompt; the question, instruction and
+    reply stay whole, and a sequence with nothing to learn is dropped (no zero-loss step)."""
+    from types import SimpleNamespace
+
+    from prag.augment import Augmentation
+    from prag.corpus import Passage
+    from prag.llm import LLM
+    from prag.prompt import AnswerFormat
+
+    llm = LLM(SimpleNamespace(), tokenizer, "tokenizer only")  # training_sequences only tokenizes
+    passage = Passage("d", "Long", "word " * 3000)
+    aug = Augmentation("d", rewrites=["short rewrite"], qa=[{"question": "What is it?", "answer": "a word"}])
+    fmt = AnswerFormat()
+    reply = tokenizer.encode(fmt.reply("a word"), add_special_tokens=False)
+    train = TrainConfig(max_length=300)
+    seqs = training_sequences(llm, passage, aug, train, fmt)
+    assert len(seqs) == 2  # with the (shortened) passage and with the rewrite
+    for seq in seqs:
+        assert len(seq.input_ids) <= 300
+        assert seq.input_ids[-len(reply) :] == reply and seq.labels[-len(reply) :] == reply
+    assert "What is it?" in tokenizer.decode(seqs[0].input_ids)
+    # a cap below even the passage-free prompt: nothing trainable is left, and nothing is returned
+    assert training_sequences(llm, passage, aug, TrainConfig(max_length=20), fmt) == []
 
 
 def test_batched_adamw_matches_torch_adamw():

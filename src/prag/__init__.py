@@ -2,7 +2,7 @@
 
 from .config import Config
 from .corpus import Passage
-from .pipeline import MODES, Answer, Pipeline
+from .pipeline import ALL_MODES, CONTROLS, MODES, Answer, Pipeline
 
-__all__ = ["MODES", "Answer", "Config", "Passage", "Pipeline"]
+__all__ = ["ALL_MODES", "CONTROLS", "MODES", "Answer", "Config", "Passage", "Pipeline"]
 __version__ = "0.1.0"

@@ -37,6 +37,12 @@ QA_PROMPT = (
     "short answer (a few words copied from the passage).\n\nPassage:\n{passage}\n\n"
     "Use exactly this format:\nQuestion: <question>\nAnswer: <short answer>"
 )
+QA_FULL_PROMPT = (
+    "Read the passage and write {n} different questions that can be answered from it, each followed by its "
+    "short answer (a few words copied from the passage) and by a full answer (one sentence).\n\nPassage:\n"
+    "{passage}\n\nUse exactly this format:\nQuestion: <question>\nAnswer: <short answer>\n"
+    "Full answer: <one sentence>"
+)
 QA_PREFIX = "Question:"
 # One worked example turn: small models copy a shown format far more reliably than a described one.
 _EXAMPLE_PASSAGE = (
@@ -50,6 +56,13 @@ _EXAMPLE_PAIRS = [
     ("Which elements did Marie Curie discover?", "polonium and radium"),
     ("Where was Marie Curie born?", "Poland"),
     ("What was Marie Curie the first woman to win?", "a Nobel Prize"),
+]
+_EXAMPLE_FULL_ANSWERS = [
+    "Marie Curie received her first Nobel Prize in 1903.",
+    "Marie Curie conducted pioneering research on radioactivity.",
+    "Marie Curie discovered the elements polonium and radium.",
+    "Marie Curie was born in Poland.",
+    "Marie Curie was the first woman to win a Nobel Prize.",
 ]
 
 
@@ -95,14 +108,32 @@ def _question_done(text: str) -> bool:
     return "\n" in text.strip() or text.strip().endswith("?")
 
 
-def qa_example(n: int) -> tuple[str, str]:
-    pairs = [_EXAMPLE_PAIRS[i % len(_EXAMPLE_PAIRS)] for i in range(n)]
-    reply = "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in pairs)
-    return QA_PROMPT.format(n=n, passage=_EXAMPLE_PASSAGE), reply
+def qa_example(n: int, full_answers: bool = False) -> tuple[str, str]:
+    rows = []
+    for i in range(n):
+        question, answer = _EXAMPLE_PAIRS[i % len(_EXAMPLE_PAIRS)]
+        full = f"\nFull answer: {_EXAMPLE_FULL_ANSWERS[i % len(_EXAMPLE_PAIRS)]}" if full_answers else ""
+        rows.append(f"Question: {question}\nAnswer: {answer}{full}")
+    prompt = QA_FULL_PROMPT if full_answers else QA_PROMPT
+    return prompt.format(n=n, passage=_EXAMPLE_PASSAGE), "\n".join(rows)
+
+
+_PREAMBLE = re.compile(r"^(here|sure|certainly|of course|okay|rewritten|revised|new version)\b|:$", re.I)
+
+
+def rewrite_body(text: str) -> str:
+    """The rewrite proper: the first paragraph that is not a preamble ("Here is a rewritten version:")."""
+    for paragraph in text.strip().split("\n\n"):
+        paragraph = paragraph.strip()
+        if paragraph and not (len(_words(paragraph)) < 20 and _PREAMBLE.search(paragraph)):
+            return paragraph
+    return ""
 
 
 def _rewrite_done(text: str) -> bool:
-    return "\n\n" in text.strip()
+    """Stop once a paragraph of rewrite (not just a preamble) is complete."""
+    finished = text.strip().split("\n\n")[:-1]
+    return any(rewrite_body(paragraph) for paragraph in finished)
 
 
 @dataclass
@@ -124,8 +155,9 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def parse_qa(generation: str) -> tuple[list[dict[str, str]], Counter]:
-    """Pairs from 'Q\nAnswer: A\nQuestion: Q\nAnswer: A...' (the reply after the 'Question:' prefix).
+def parse_qa(generation: str, full_answers: bool = False) -> tuple[list[dict[str, str]], Counter]:
+    """Pairs from 'Q\nAnswer: A\nQuestion: Q\nAnswer: A...' (the reply after the 'Question:' prefix),
+    each block optionally followed by 'Full answer: <sentence>' (kept with `full_answers`).
 
     Returns the well-formed pairs and a count of the malformed blocks by reason.
     """
@@ -137,7 +169,9 @@ def parse_qa(generation: str) -> tuple[list[dict[str, str]], Counter]:
             problems["unparsable"] += 1
             continue
         question = match.group(1).strip()
-        answer = match.group(2).strip().split("\n")[0].strip().rstrip(".").strip()
+        answer_lines = match.group(2).strip().split("\n")
+        answer = answer_lines[0].strip().rstrip(".").strip()
+        full = re.search(r"^\s*Full answer\s*:[ \t]*(.+)$", "\n".join(answer_lines[1:]), flags=re.M | re.I)
         if not question or not answer or "\n" in question:
             problems["unparsable" if question and answer else "empty"] += 1
             continue
@@ -146,7 +180,16 @@ def parse_qa(generation: str) -> tuple[list[dict[str, str]], Counter]:
         if len(_words(answer)) > 12:
             problems["answer_too_long"] += 1
             continue
-        pairs.append({"question": question, "answer": answer})
+        pair = {"question": question, "answer": answer}
+        if full_answers:
+            # a full answer that does not state the short one would teach a different answer: left out
+            sentence = full.group(1).strip() if full else ""
+            if sentence and set(_words(answer)) <= set(_words(sentence)):
+                pair["full_answer"] = sentence
+            else:
+                problems["full_answer_missing"] += 1
+                pair["full_answer"] = ""
+        pairs.append(pair)
     return pairs, problems
 
 
@@ -173,6 +216,10 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
     (asking for all its missing pairs at once: the prompt, which dominates the cost on a CPU, is then
     read once). Rounds repeat, with fresh seeds, until every document is complete or `attempts` ran out.
     """
+    if config.full_answers and config.qa_style != "free":
+        raise ValueError(
+            "augment.full_answers needs augment.qa_style=free (answer-first questions have no full answer)"
+        )
     # Batches of similar length: one long passage would otherwise pad (and slow) its whole batch.
     given, passages = passages, sorted(passages, key=lambda p: len(p.contents))
     results = {p.id: Augmentation(p.id) for p in passages}
@@ -228,11 +275,14 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
                         _accept_question(output, answer, results[doc_id], rejected[doc_id], config)
                 else:
                     n = config.qa_pairs + 1  # one spare: some pairs are always rejected
+                    template = QA_FULL_PROMPT if config.full_answers else QA_PROMPT
+                    example = qa_example(n, config.full_answers)
                     prompts = [
-                        llm.chat(QA_PROMPT.format(n=n, passage=by_id[d].contents), QA_PREFIX, history=(qa_example(n),))
+                        llm.chat(template.format(n=n, passage=by_id[d].contents), QA_PREFIX, history=(example,))
                         for d in batch
                     ]
-                    outputs = llm.generate(prompts, config.qa_tokens_per_pair * n, **sampling)
+                    budget = config.qa_tokens_per_pair * n * (2 if config.full_answers else 1)
+                    outputs = llm.generate(prompts, budget, **sampling)
                     for doc_id, output in zip(batch, outputs, strict=True):
                         _accept_qa(output, by_id[doc_id], results[doc_id], rejected[doc_id], fallback[doc_id], config)
                 bar.n = sum(complete(r) for r in results.values())
@@ -251,7 +301,7 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
 
 
 def _accept_rewrite(output: str, passage: Passage, result: Augmentation, rejected: Counter, config) -> None:
-    output = output.strip().split("\n\n")[0]
+    output = rewrite_body(output)
     problem = valid_rewrite(output, passage)
     if problem:
         rejected[problem] += 1
@@ -272,7 +322,7 @@ def _accept_question(output: str, answer: str, result: Augmentation, rejected: C
 
 
 def _accept_qa(output: str, passage: Passage, result: Augmentation, rejected: Counter, fallback: list, config) -> None:
-    pairs, problems = parse_qa(output)
+    pairs, problems = parse_qa(output, config.full_answers)
     rejected.update(problems)
     for pair in pairs:
         seen = {q["question"].lower() for q in result.qa + fallback}

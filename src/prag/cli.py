@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 from .config import Config
-from .pipeline import MODES, Pipeline
+from .evaluate import SLICES
+from .pipeline import ALL_MODES, Pipeline
+from .protocols import PROFILES, apply_protocol, dataset_name, protocol_settings
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +30,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="override one config field, e.g. --set train.lr=1e-3 (repeatable)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--protocol",
+        default="auto",
+        help="the dataset protocol to answer and train with (popqa, hotpotqa, 2wikimultihopqa, complexwebquestions, "
+        "or none); auto: from --dataset's name where there is one, else none",
+    )
+    parser.add_argument(
+        "--profile", default="default", choices=PROFILES, help="the protocols' profile: ours, or the reference's"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("ask", help="answer one question")
     _common(p)
     p.add_argument("question")
-    p.add_argument("--mode", choices=MODES, default="prag")
+    p.add_argument("--mode", choices=ALL_MODES, default="prag")
     p.add_argument("--top-k", type=int, default=None)
 
     p = commands.add_parser(
@@ -58,21 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
         "warmup",
         help="train the shared LoRA initialization on held-in QA (questions with their gold passages)",
         description="Train one LoRA on held-in questions (FlashRAG JSONL with supporting_titles naming indexed "
-        "passages), to start every document's LoRA from with --set lora.init=OUT. Use questions OUTSIDE the "
-        "range you evaluate on.",
+        "passages), to start every document's LoRA from with --set lora.init=OUT. Only the TUNE slice of each file "
+        "is read (questions 100 on): the report slice never trains a warm-up, and `prag eval` refuses to "
+        "evaluate a question the warm-up was trained on.",
     )
     _common(p)
-    p.add_argument("--dataset", required=True, help="held-in questions, FlashRAG JSONL")
-    p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument(
+        "--dataset", required=True, action="append", help="held-in questions, FlashRAG JSONL (repeatable: mixed)"
+    )
+    p.add_argument("--offset", type=int, default=0, help="questions skipped in each file's tune slice")
+    p.add_argument("--limit", type=int, default=None, help="questions taken from each file's tune slice")
     p.add_argument("--out", required=True, help="the warm-up adapter to write (.safetensors)")
 
     p = commands.add_parser("eval", help="evaluate modes on a FlashRAG-format question set")
     _common(p)
     p.add_argument("--dataset", required=True, help="questions, FlashRAG JSONL")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated, from " + ",".join(MODES))
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--modes", default="closed,rag,prag,combine", help="comma-separated, from " + ",".join(ALL_MODES))
+    p.add_argument(
+        "--slice",
+        default="all",
+        choices=SLICES,
+        help="report: the first 100 questions (for reporting); tune: the rest (for choosing); all: the file",
+    )
+    p.add_argument("--limit", type=int, default=None, help="questions, counted within the slice")
+    p.add_argument("--offset", type=int, default=0, help="questions skipped, counted within the slice")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--out", required=True, help="output directory for metrics.json, predictions.jsonl, report.md")
     p.add_argument("--show-answers", action="store_true", help="print every answer per mode")
@@ -87,13 +107,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def protocol_name(args: argparse.Namespace) -> str:
+    """The protocol a command runs under: named, or implied by its (first) dataset file, or none."""
+    if args.protocol != "auto":
+        return args.protocol
+    dataset = getattr(args, "dataset", None)
+    if isinstance(dataset, list):
+        names = {dataset_name(d) for d in dataset}
+        return names.pop() if len(names) == 1 else "none"  # a mixed warm-up: the defaults
+    return dataset_name(dataset) if dataset else "none"
+
+
 def load_config(args: argparse.Namespace) -> Config:
+    """The defaults, then the dataset's protocol, the workspace's own settings, --config, and --set."""
+    config = Config()
+    apply_protocol(config, protocol_settings(protocol_name(args), args.profile))
     saved = Path(args.home) / "config.json"
-    config = Config.load(args.config) if args.config else Config.load(saved) if saved.exists() else Config()
+    if saved.exists():
+        try:
+            recorded = json.loads(saved.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{saved}:{error.lineno}: invalid JSON: {error.msg}") from None
+        if "overrides" in recorded:
+            for key, value in recorded["overrides"].items():
+                config.set(key, value)
+        else:  # written before workspaces recorded only their overrides: its defaults may be stale
+            print(f"prag: note: {saved} holds a full config of an older version; ignored", file=sys.stderr)
+    if args.config:
+        for key, value in Config.load(args.config).overrides().items():
+            config.set(key, value)
     for assignment in args.set:
         key, sep, value = assignment.partition("=")
         if not sep:
-            raise SystemExit(f"prag: --set expects SECTION.FIELD=VALUE, got {assignment!r}")
+            raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {assignment!r}")
         config.set(key.strip(), value.strip())
     return config
 
@@ -105,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = Pipeline(args.home, config)
         return COMMANDS[args.command](pipeline, args)
     except (ValueError, FileNotFoundError, KeyError, ModuleNotFoundError) as error:
-        print(f"prag: error: {error}", file=sys.stderr)
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"prag: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -119,9 +166,11 @@ def cmd_index(pipeline: Pipeline, args) -> int:
 def cmd_ask(pipeline: Pipeline, args) -> int:
     answer = pipeline.answer(args.question, args.mode, args.top_k, show_progress=not args.quiet)
     print(f"answer: {answer.short_answer}")
-    print(f"generation: {pipeline.config.answer.lead_in} {answer.text}")
+    print(f"generation: {pipeline.format.prefix} {answer.text}")
     for i, p in enumerate(answer.passages, 1):
         print(f"passage {i}: {p.id}  {p.title}")
+    if args.mode.endswith("-unrelated"):
+        print("LoRAs merged (unrelated): " + ", ".join(p.title for p in answer.lora_passages))
     print("timings: " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in answer.timings.items()))
     return 0
 
@@ -147,7 +196,7 @@ def cmd_parameterize(pipeline: Pipeline, args) -> int:
 def cmd_warmup(pipeline: Pipeline, args) -> int:
     from .evaluate import load_questions
 
-    questions = load_questions(args.dataset, limit=args.limit, offset=args.offset)
+    questions = [q for d in args.dataset for q in load_questions(d, args.limit, args.offset, slice="tune")]
     t = time.perf_counter()
     n = pipeline.warmup(questions, args.out, show_progress=not args.quiet)
     print(
@@ -161,17 +210,26 @@ def cmd_eval(pipeline: Pipeline, args) -> int:
     from .evaluate import load_questions, run, write_results
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown or not modes:
+        raise ValueError(f"unknown mode(s) {unknown}; choose from {', '.join(ALL_MODES)}")
     top_k = args.top_k or pipeline.config.answer.top_k
-    questions = load_questions(args.dataset, limit=args.limit, offset=args.offset)
+    questions = load_questions(args.dataset, limit=args.limit, offset=args.offset, slice=args.slice)
+    if not questions:
+        raise ValueError(f"{args.dataset}: no questions in slice {args.slice!r} at offset {args.offset}")
     evaluation, offline = run(pipeline, questions, modes, top_k, show_progress=not args.quiet)
+    name = protocol_name(args)
+    protocol = {"name": name, "profile": args.profile, "settings": protocol_settings(name, args.profile)}
     metrics = evaluation.metrics(
-        Path(args.dataset).parent.name or Path(args.dataset).stem,
+        dataset_name(args.dataset),
         top_k,
         pipeline.config.model.name,
-        extra={"offline": offline, "config": pipeline.config.to_dict()},
+        extra={
+            "slice": {"name": args.slice, "offset": args.offset, "ids": [q.id for q in questions]},
+            "protocol": protocol,
+            "offline": offline,
+            "config": pipeline.config.to_dict(),
+        },
     )
     write_results(args.out, metrics, evaluation.records, notes=f"Command: `prag {' '.join(sys.argv[1:])}`")
     if args.show_answers:
@@ -191,7 +249,7 @@ def answers_table(records: list[dict], modes: list[str]) -> str:
         lines.append(f"\nQ: {first['question']}\n   gold: {' | '.join(first['golden_answers'][:3])}")
         for mode in modes:
             r = rows[mode]
-            lines.append(f"   {mode:8s} F1 {r['f1']:.2f}  {r['prediction']!r}")
+            lines.append(f"   {mode:17s} F1 {r['f1']:.2f}  {r['prediction']!r}")
     return "\n".join(lines)
 
 

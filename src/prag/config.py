@@ -20,11 +20,13 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 NOT_KEYED = {
     "model.device",
     "train.docs_per_batch",
+    "train.max_tokens_per_step",
     "train.compile",
     "augment.batch_size",
     "answer.merge",
     "answer.top_k",
     "answer.max_new_tokens",
+    "answer.init_in_all_modes",
 }
 # Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
 CHOICES = {
@@ -34,6 +36,8 @@ CHOICES = {
     "train.store_dtype": ("bfloat16", "float16", "float32"),
     "train.compile": ("auto", "on", "off"),
     "augment.qa_style": ("free", "answer_first"),
+    "answer.style": ("direct", "cot"),
+    "answer.instruction": ("short", "examples", "reference"),
     "answer.merge": ("sum", "mean"),
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -73,11 +77,12 @@ class TrainConfig:
     # for "lm": the "answer" tokens only (default: better F1 in every mode and set of the ablation in
     # docs/results.md) or "all" tokens of the sequence (the reference)
     loss_on: str = "answer"
-    docs_per_batch: int = 16  # documents trained together in one forward/backward pass
+    docs_per_batch: int = 16  # documents trained together in one forward/backward pass...
+    max_tokens_per_step: int = 8192  # ...as long as their padded sequences stay within this many tokens
     # torch.compile the decoder layers while training (fuses the work around the matmuls, ~1.2x on a
     # CPU; compiling costs ~30 s once per process): "auto" does it from COMPILE_MIN_DOCS documents on
     compile: str = "auto"
-    max_length: int = 1024
+    max_length: int = 2048  # tokens per training sequence; a longer passage is cut to fit, never the reply
     store_dtype: str = "bfloat16"  # dtype of adapters on disk
 
 
@@ -88,6 +93,8 @@ class AugmentConfig:
     # "free": the model writes question/answer pairs (reference). "answer_first": answer spans are picked
     # from the passage (names, dates, numbers; not the title) and the model writes a question for each.
     qa_style: str = "free"
+    # each QA pair also gets a one-sentence answer ("full_answer"), what chain-of-thought training replies with
+    full_answers: bool = False
     attempts: int = 3  # generation rounds per document before giving up on missing items
     temperature: float = 0.7
     top_k: int = 50
@@ -100,6 +107,13 @@ class AugmentConfig:
 @dataclass
 class AnswerConfig:
     top_k: int = 3
+    # "direct": the answer follows a pre-filled lead-in; "cot": the reference's chain-of-thought prompt with
+    # few-shot examples, the answer follows "the answer is". Per-dataset choices: protocols.py.
+    style: str = "direct"
+    # direct style: "short" asks for the answer only, in every mode (the strong baseline), "examples" also shows
+    # it in three worked turns; "reference" is the reference implementation's prompt, word for word
+    instruction: str = "short"
+    fewshot: str = ""  # cot: a bundled example set (hotpotqa, 2wikimultihopqa) or a JSON file of {question, answer}
     max_new_tokens: int = 32
     lead_in: str = "The answer is"
     merge: str = "sum"  # k retrieved documents' LoRAs: "sum" of their deltas (reference) or "mean"
@@ -116,6 +130,17 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that differ from the defaults, as {"section.field": value}: what a workspace records,
+        so that a later change of a default reaches it (a full copy would freeze every default)."""
+        defaults, current = Config().to_dict(), self.to_dict()
+        return {
+            f"{section}.{key}": value
+            for section, values in current.items()
+            for key, value in values.items()
+            if defaults[section][key] != value
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:

@@ -46,6 +46,8 @@ def read_corpus(path: str | Path) -> list[Passage]:
     for where, line, passage in rows:
         if not passage.id.strip():
             raise CorpusError(where, line, "empty id")
+        if not passage.contents.strip():
+            raise CorpusError(where, line, f"passage {passage.id!r} is empty (no title, no text)")
         if passage.id in seen:
             first, first_line = seen[passage.id]
             at = f"line {first_line}" if first == where else f"{first}:{first_line}"

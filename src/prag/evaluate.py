@@ -20,7 +20,19 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 
-PARTS = ("retrieval", "load_merge", "generation")
+PARTS = ("retrieval", "load_merge", "generation")  # they add up to a question's total latency
+REPORT_SIZE = 100  # the first questions of every dev file are reported; choices are made on the rest
+SLICES = ("report", "tune", "all")
+BOOLEAN_ANSWERS = ("yes", "no", "noanswer")
+RESAMPLES = 10_000
+# the paired differences every table reports: (mode, minus mode)
+COMPARISONS = (
+    ("prag", "closed"),
+    ("prag", "rag"),
+    ("combine", "rag"),
+    ("prag", "prag-unrelated"),
+    ("combine", "combine-unrelated"),
+)
 _PUNCT = frozenset(string.punctuation)
 
 
@@ -42,8 +54,18 @@ def _supporting_titles(meta: dict) -> list[str]:
     return list(dict.fromkeys(t for t in titles if isinstance(t, str) and t))
 
 
-def load_questions(path: str | Path, limit: int | None = None, offset: int = 0) -> list[Question]:
-    """Read a FlashRAG jsonl file; skip `offset` questions, keep at most `limit`. Errors name file:line."""
+def load_questions(path: str | Path, limit: int | None = None, offset: int = 0, slice: str = "all") -> list[Question]:
+    """Read a FlashRAG jsonl file; skip `offset` questions, keep at most `limit`. Errors name file:line.
+
+    `slice` first restricts the file to its report slice (the first REPORT_SIZE questions) or its
+    tune slice (the rest); `offset` and `limit` then count within the slice.
+    """
+    if slice not in SLICES:
+        raise ValueError(f"unknown slice {slice!r}; choose from {', '.join(SLICES)}")
+    if slice == "report":
+        limit = max(0, min(REPORT_SIZE - offset, REPORT_SIZE if limit is None else limit))
+    elif slice == "tune":
+        offset += REPORT_SIZE
     out: list[Question] = []
     seen = 0
     with open(path, encoding="utf-8") as f:
@@ -95,15 +117,23 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
+def _golds(golds: list[str]) -> list[str]:
+    """Normalised gold answers, without those that normalise to nothing (they would match any empty answer)."""
+    return [g for g in (normalize_answer(g) for g in golds) if g]
+
+
 def exact_match(prediction: str, golds: list[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised gold answer."""
+    """1.0 if the normalised prediction equals any (non-empty) normalised gold answer."""
     p = normalize_answer(prediction)
-    return float(any(p == normalize_answer(g) for g in golds))
+    return float(bool(p) and any(p == g for g in _golds(golds)))
 
 
-def _f1(pred_toks: list[str], gold_toks: list[str]) -> float:
-    if not pred_toks or not gold_toks:
-        return float(pred_toks == gold_toks)
+def _f1(prediction: str, gold: str) -> float:
+    """The reference's F1 of normalised strings: 0 when exactly one side is yes / no / noanswer (or they
+    differ), so a 'yes' is never half right against 'no' and a name never scores against 'yes'."""
+    if (prediction in BOOLEAN_ANSWERS or gold in BOOLEAN_ANSWERS) and prediction != gold:
+        return 0.0
+    pred_toks, gold_toks = prediction.split(), gold.split()
     common = sum((collections.Counter(pred_toks) & collections.Counter(gold_toks)).values())
     if common == 0:
         return 0.0
@@ -112,9 +142,20 @@ def _f1(pred_toks: list[str], gold_toks: list[str]) -> float:
 
 
 def token_f1(prediction: str, golds: list[str]) -> float:
-    """SQuAD token-overlap F1, max over gold answers."""
-    p = normalize_answer(prediction).split()
-    return max((_f1(p, normalize_answer(g).split()) for g in golds), default=0.0)
+    """SQuAD token-overlap F1 with the reference's yes/no rule, max over the gold answers."""
+    p = normalize_answer(prediction)
+    return max((_f1(p, g) for g in _golds(golds)), default=0.0)
+
+
+def paired_bootstrap(a: list[float], b: list[float], resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """Mean of a - b over paired questions, with its 95% paired-bootstrap interval (resampling questions)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired scores needed: got {len(a)} and {len(b)}")
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"diff": round(float(diff.mean()), 4), "low": round(float(low), 4), "high": round(float(high), 4)}
 
 
 def recall_at_k(passage_titles: list[str], supporting_titles: list[str]) -> float | None:
@@ -155,6 +196,10 @@ class Evaluation:
         timings = getattr(answer, "timings", None) or {}
         ms = {k: round(1000.0 * float(timings.get(k, 0.0)), 2) for k in PARTS}
         ms["total"] = round(sum(ms.values()), 2)
+        # time to the first token (the prompt's cost), then per further token (what the answer's length costs)
+        new_tokens = int(getattr(answer, "new_tokens", 0) or 0)
+        ms["first_token"] = round(1000.0 * float(timings.get("first_token", timings.get("generation", 0.0))), 2)
+        ms["per_token"] = round((ms["generation"] - ms["first_token"]) / (new_tokens - 1), 2) if new_tokens > 1 else 0.0
         passages = list(getattr(answer, "passages", None) or [])
         pred = answer.short_answer or ""
         titles = [p.title for p in passages]
@@ -170,6 +215,8 @@ class Evaluation:
             "f1": round(token_f1(pred, question.golden_answers), 4),
             "passages": [{"id": p.id, "title": p.title} for p in passages],
             "recall": recall_at_k(titles, question.supporting_titles) if passages else None,
+            "lora_passages": [p.id for p in getattr(answer, "lora_passages", None) or []],
+            "new_tokens": new_tokens,
             "timings_ms": ms,
         }
         self.records.append(rec)
@@ -195,7 +242,10 @@ class Evaluation:
                 "latency_ms": {
                     **latency_summary([r["timings_ms"]["total"] for r in rs]),
                     "parts": {k: latency_summary([r["timings_ms"][k] for r in rs]) for k in PARTS},
+                    "first_token": latency_summary([r["timings_ms"]["first_token"] for r in rs]),
+                    "per_token": latency_summary([r["timings_ms"]["per_token"] for r in rs if r["new_tokens"] > 1]),
                 },
+                "new_tokens": _mean([r["new_tokens"] for r in rs]),
                 "by_type": {
                     t: {"em": _mean([r["em"] for r in trs]), "f1": _mean([r["f1"] for r in trs]), "n": len(trs)}
                     for t, trs in sorted(by_type.items())
@@ -208,8 +258,22 @@ class Evaluation:
             "model": model,
             "retrieval": {"recall@k": _mean(list(recall.values())) if recall else None},
             "modes": modes,
+            "comparisons": self.comparisons(),
         }
         return {**out, **(extra or {})}
+
+    def comparisons(self) -> dict[str, dict]:
+        """F1 differences between modes on the same questions (COMPARISONS), with bootstrap intervals."""
+        f1: dict[str, dict[str, float]] = {}
+        for r in self.records:
+            f1.setdefault(r["mode"], {})[r["id"]] = r["f1"]
+        out = {}
+        for a, b in COMPARISONS:
+            if a in f1 and b in f1:
+                ids = sorted(f1[a].keys() & f1[b].keys())
+                if ids:
+                    out[f"{a} - {b}"] = paired_bootstrap([f1[a][i] for i in ids], [f1[b][i] for i in ids])
+        return out
 
 
 # ---------------------------------------------------------------- output
@@ -257,17 +321,37 @@ def report_md(metrics: dict, notes: str = "") -> str:
         f"# {metrics['dataset']}: n={metrics['n']}, top-k={metrics['top_k']}, model={metrics['model']}",
         "",
         f"recall@{metrics['top_k']}: {'n/a' if rec is None else f'{rec:.4f}'}",
+    ]
+    if "protocol" in metrics:
+        proto = metrics["protocol"]
+        settings = ", ".join(f"{k}={v}" for k, v in proto["settings"].items()) or "the defaults"
+        lines += ["", f"protocol: {proto['name']} ({proto['profile']} profile): {settings}"]
+    lines += [
         "",
-        "| mode | EM | F1 | p50 ms | p95 ms | retrieval ms | load+merge ms | generation ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "Latency in ms: p50/p95 of the total; means of its parts; time to first token (the prompt's cost) and "
+        "time per further token (the answer's length) are parts of generation.",
+        "",
+        "| mode | EM | F1 | p50 | p95 | retrieval | load+merge | generation | first token p50 | per token | "
+        "new tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in metrics["modes"].items():
         lat, parts = m["latency_ms"], m["latency_ms"]["parts"]
         lines.append(
             f"| {mode} | {m['em']:.4f} | {m['f1']:.4f} | {lat['p50']:.1f} | {lat['p95']:.1f} | "
             + " | ".join(f"{parts[k]['mean']:.1f}" for k in PARTS)
-            + " |"
+            + f" | {lat['first_token']['p50']:.1f} | {lat['per_token']['mean']:.1f} | {m['new_tokens']:.1f} |"
         )
+    if metrics.get("comparisons"):
+        lines += [
+            "",
+            "## F1 differences (paired over questions, 95% bootstrap interval)",
+            "",
+            "| difference | F1 | interval |",
+            "|---|---|---|",
+        ]
+        for name, c in metrics["comparisons"].items():
+            lines.append(f"| {name} | {c['diff']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}] |")
     types = sorted({t for m in metrics["modes"].values() for t in m["by_type"]})
     names = list(metrics["modes"])
     lines += ["", "## F1 by question type", "", "| type | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -296,6 +380,23 @@ def write_results(out_dir: str | Path, metrics: dict, records: list[dict], notes
 # ---------------------------------------------------------------- running
 
 
+def unrelated_partners(questions: list[Question], retrieved: dict[str, list]) -> dict[str, str]:
+    """For each question, another question of the set whose top-k shares no passage with its own: the
+    control modes merge that question's LoRAs. The next such question in file order (wrapping around),
+    so the pairing is fixed and every question's documents serve as someone's unrelated documents."""
+    partners = {}
+    for i, q in enumerate(questions):
+        own = {p.id for p in retrieved[q.id]}
+        for step in range(1, len(questions)):
+            other = questions[(i + step) % len(questions)]
+            if retrieved[other.id] and not own & {p.id for p in retrieved[other.id]}:
+                partners[q.id] = other.id
+                break
+        else:
+            raise ValueError(f"question {q.id}: no other question retrieves documents disjoint from its own")
+    return partners
+
+
 def run(
     pipeline: Any, questions: list[Question], modes: list[str], top_k: int, show_progress: bool = True
 ) -> tuple[Evaluation, dict]:
@@ -303,22 +404,38 @@ def run(
 
     Documents are parameterized up front, in batches, so that per-question latency measures only
     the online path (retrieval, load+merge, generation); the offline cost is returned separately.
+    The control modes (`prag-unrelated`, `combine-unrelated`) merge the LoRAs of another question's
+    top-k (`unrelated_partners`), documents the set parameterizes anyway.
     """
     from tqdm.auto import tqdm
 
+    leaked = sorted({q.id for q in questions} & pipeline.warmup_question_ids())
+    if leaked:
+        raise ValueError(
+            f"{len(leaked)} evaluated question(s) trained the warm-up adapter {pipeline.config.lora.init} "
+            f"(e.g. {leaked[:3]}): evaluate other questions, or warm up on the tune slice"
+        )
+    retrieved = {q.id: pipeline.retrieve(q.question, top_k) for q in questions}
+    partners = unrelated_partners(questions, retrieved) if any(m.endswith("-unrelated") for m in modes) else {}
     offline: dict = {"documents_parameterized": 0, "parameterize_s": 0.0}
-    if any(m in ("prag", "combine") for m in modes):
-        passages = {p.id: p for q in questions for p in pipeline.retrieve(q.question, top_k)}
+    if any(m != "closed" and m != "rag" for m in modes):
+        passages = {p.id: p for q in questions for p in retrieved[q.id]}
+        before = dict(pipeline.offline_seconds)
         t = time.perf_counter()
-        offline["documents_parameterized"] = pipeline.parameterize(list(passages.values()), show_progress)
+        built = pipeline.parameterize(list(passages.values()), show_progress)
         offline["parameterize_s"] = round(time.perf_counter() - t, 2)
-        built = offline["documents_parameterized"]
+        offline["documents_parameterized"] = built
+        for part in ("augment_s", "train_s"):
+            offline[part] = round(pipeline.offline_seconds[part] - before[part], 2)
         offline["parameterize_s_per_doc"] = round(offline["parameterize_s"] / built, 2) if built else None
     evaluation = Evaluation()
     bar = tqdm(total=len(modes) * len(questions), desc="answer", unit="q", disable=not show_progress)
     for mode in modes:
         for q in questions:
-            evaluation.add(q, mode, pipeline.answer(q.question, mode, top_k))
+            lora_passages = retrieved[partners[q.id]] if mode.endswith("-unrelated") else None
+            record = evaluation.add(q, mode, pipeline.answer(q.question, mode, top_k, lora_passages=lora_passages))
+            if lora_passages is not None:
+                record["unrelated_to"] = partners[q.id]
             bar.update()
     bar.close()
     return evaluation, offline

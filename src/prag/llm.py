@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.generation.streamers import BaseStreamer
 
 from .config import DEFAULT_MODEL, ModelConfig
 
@@ -147,10 +149,13 @@ class LLM:
         top_k: int = 50,
         seed: int = 0,
         stop: Callable[[str], bool] | None = None,
+        clock: dict[str, float] | None = None,
     ) -> list[str]:
         """Generate for a batch of token-id prompts at once (left-padded); returns the new text.
 
         `stop(text_so_far)` ends a row early, so one long row does not keep the batch decoding.
+        `clock`, if given, receives `first_token` (seconds from the call to the first generated token:
+        the prompt's cost) and `new_tokens` (the most any row generated, end-of-sequence included).
         """
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -160,6 +165,7 @@ class LLM:
             attention[row, width - len(prompt) :] = 1
         if sample:
             torch.manual_seed(seed)
+        first_token = _FirstTokenClock() if clock is not None else None
         output = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
@@ -174,8 +180,35 @@ class LLM:
             # which costs a third of CPU decoding time at batch 32
             cache_implementation="static",
             stopping_criteria=StoppingCriteriaList([_TextStop(self.tokenizer, width, stop)]) if stop else None,
+            streamer=first_token,
         )
-        return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        new = output[:, width:]
+        if clock is not None:
+            clock["first_token"] = first_token.seconds()
+            finished = torch.isin(new, torch.tensor(self.eos_ids + [self.pad_id], device=new.device))
+            # a row's length: up to and including its first end-of-sequence (or padding) token
+            lengths = torch.where(finished.any(1), finished.int().argmax(1) + 1, new.shape[1])
+            clock["new_tokens"] = int(lengths.max()) if len(lengths) else 0
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+class _FirstTokenClock(BaseStreamer):
+    """Notes when generate() hands over its first new token (its first `put` is the prompt itself)."""
+
+    def __init__(self) -> None:
+        self.start, self.first, self.calls = time.perf_counter(), None, 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+
+    def seconds(self) -> float:
+        return (self.first or time.perf_counter()) - self.start
 
 
 class _TextStop(StoppingCriteria):

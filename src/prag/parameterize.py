@@ -32,11 +32,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import Augmentation
-from .config import AnswerConfig, LoRAConfig, TrainConfig
+from .config import LoRAConfig, TrainConfig
 from .corpus import Passage
 from .llm import LLM
 from .lora import Adapter, LoRAModel, find_decoder_layers, init_adapter
-from .prompt import question_prompt
+from .prompt import AnswerFormat
 
 IGNORE = -100
 MAX_PADDING = 0.25  # a training step pads its sequences by at most this fraction of their length
@@ -54,54 +54,68 @@ class Sequence:
 
 
 def training_sequences(
-    llm: LLM, passage: Passage, augmentation: Augmentation, train: TrainConfig, answer: AnswerConfig
+    llm: LLM, passage: Passage, augmentation: Augmentation, train: TrainConfig, fmt: AnswerFormat
 ) -> list[Sequence]:
     """The reference's layout: the first half of the QA pairs with the passage and with each rewrite
-    in the prompt, the rest with the question alone; the reply is '<lead-in> <answer>.'
+    in the prompt, the rest with the question alone; the reply is the format's (`AnswerFormat.reply`).
 
     For distillation: every QA pair once, the question alone for the student and with the passage
     for the teacher, the reply (the generated answer) being where the two distributions are compared.
+    A sequence with nothing left to learn (its prompt alone over `train.max_length`) is dropped, never
+    trained as a zero-loss step (which would still decay the weights).
     """
     if train.objective == "distill":
         sequences = []
         for qa in augmentation.qa:
-            reply = _reply_ids(llm, qa["answer"])
-            student = llm.chat(question_prompt(qa["question"], []), answer.lead_in)
-            reading = llm.chat(question_prompt(qa["question"], [passage.contents]), answer.lead_in)
-            # cut from the left, so the reply the two distributions are compared on stays whole
-            teacher = Sequence(
-                (reading + reply)[-train.max_length :], _labels(reading, reply, "answer")[-train.max_length :]
-            )
+            reply = _reply_ids(llm, fmt, qa)
+            student = _prompt_ids(llm, fmt, qa["question"], [], train.max_length - len(reply))
+            reading = _prompt_ids(llm, fmt, qa["question"], [passage.contents], train.max_length - len(reply))
+            teacher = Sequence(reading + reply, _labels(reading, reply, "answer"))
             sequences.append(Sequence(student + reply, _labels(student, reply, "answer"), teacher))
-        return sequences
+        return [s for s in sequences if _trainable(s, train.max_length)]
     texts = [passage.contents] + augmentation.rewrites
     with_passage = (len(augmentation.qa) + 1) // 2
     sequences = []
     for i, qa in enumerate(augmentation.qa):
         contexts = [[t] for t in texts] if i < with_passage else [[]]
+        reply = _reply_ids(llm, fmt, qa)
         for context in contexts:
-            prompt = llm.chat(question_prompt(qa["question"], context), answer.lead_in)
-            reply = _reply_ids(llm, qa["answer"])
+            prompt = _prompt_ids(llm, fmt, qa["question"], context, train.max_length - len(reply))
             ids = (prompt + reply)[: train.max_length]
             sequences.append(Sequence(ids, _labels(prompt, reply, train.loss_on)[: len(ids)]))
-    return sequences
+    return [s for s in sequences if _trainable(s, train.max_length)]
 
 
 def warmup_sequences(
-    llm: LLM, question: str, gold_answer: str, gold: list[Passage], train: TrainConfig, answer: AnswerConfig
+    llm: LLM, question: str, gold_answer: str, gold: list[Passage], train: TrainConfig, fmt: AnswerFormat
 ) -> list[Sequence]:
     """A held-in question for the warm-up LoRA: with its gold passages in the prompt and alone,
-    both replying '<lead-in> <gold answer>.' (the format every mode's answer is read from)."""
-    reply = _reply_ids(llm, gold_answer)
+    both replying with the gold answer in the format every mode's answer is read from."""
+    reply = _reply_ids(llm, fmt, {"answer": gold_answer})
     sequences = []
     for context in ([p.contents for p in gold], []) if gold else ([],):
-        prompt = llm.chat(question_prompt(question, context), answer.lead_in)
+        prompt = _prompt_ids(llm, fmt, question, context, train.max_length - len(reply))
         sequences.append(Sequence(prompt + reply, _labels(prompt, reply, train.loss_on)))
-    return sequences
+    return [s for s in sequences if _trainable(s, train.max_length)]
 
 
-def _reply_ids(llm: LLM, answer: str) -> list[int]:
-    return llm.tokenizer.encode(" " + answer.strip().rstrip(".") + ".", add_special_tokens=False)
+def _reply_ids(llm: LLM, fmt: AnswerFormat, qa: dict) -> list[int]:
+    return llm.tokenizer.encode(fmt.reply(qa["answer"], qa.get("full_answer", "")), add_special_tokens=False)
+
+
+def _prompt_ids(llm: LLM, fmt: AnswerFormat, question: str, context: list[str], room: int) -> list[int]:
+    """The chat prompt (user turn + assistant prefix) for a question; if it is longer than `room` tokens,
+    the context passage is shortened to fit (the question, instruction and reply stay whole)."""
+    prompt = fmt.chat_ids(llm, question, context)
+    if len(prompt) <= room or not context:
+        return prompt
+    words = llm.tokenizer.encode(context[0], add_special_tokens=False)
+    keep = max(len(words) - (len(prompt) - room) - 8, 0)  # a few tokens' slack: re-tokenizing may differ
+    return fmt.chat_ids(llm, question, [llm.tokenizer.decode(words[:keep])])
+
+
+def _trainable(sequence: Sequence, max_length: int) -> bool:
+    return len(sequence.input_ids) <= max_length and any(label != IGNORE for label in sequence.labels[1:])
 
 
 def _labels(prompt: list[int], reply: list[int], loss_on: str) -> list[int]:
@@ -185,6 +199,7 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adap
                 break
             longest = max(pending.values())
             chosen = [j for j, length in pending.items() if length * (1 + MAX_PADDING) >= longest]
+            chosen = chosen[: max(1, train.max_tokens_per_step // longest)]  # activation memory stays bounded
             active = torch.zeros(n, dtype=torch.bool)
             active[chosen] = True
             rows = torch.tensor(chosen)

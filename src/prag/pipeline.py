@@ -7,6 +7,12 @@ retrieved knowledge goes:
     rag       passages in the prompt
     prag      the passages' LoRAs merged into the model, no passages in the prompt
     combine   merged LoRAs AND passages in the prompt
+
+Two controls measure what the LoRAs carry beyond an answer format: they merge the LoRAs of
+UNRELATED documents (in `prag eval`, another question's top-k; otherwise k random passages):
+
+    prag-unrelated      unrelated LoRAs, no passages
+    combine-unrelated   unrelated LoRAs, the question's own passages in the prompt
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ from .config import Config
 from .corpus import Passage, read_corpus
 from .llm import LLM
 from .parameterize import compiled_decoder, should_compile, train_adapters, training_sequences, warmup_sequences
-from .prompt import answer_done, question_prompt, short_answer
+from .prompt import AnswerFormat
 from .retrieval import BM25Retriever, Retriever, load_retriever
 from .store import AdapterStore, AugmentationStore
 
 MODES = ("closed", "rag", "prag", "combine")
+CONTROLS = ("prag-unrelated", "combine-unrelated")
+ALL_MODES = MODES + CONTROLS
+PASSAGES_IN_PROMPT = {"rag", "combine", "combine-unrelated"}
+MAX_QUESTION_CHARS = 2000
+MAX_TOP_K = 50
 
 
 @dataclass
@@ -41,8 +52,11 @@ class Answer:
     mode: str
     text: str  # the full generation after the lead-in
     short_answer: str
-    passages: list[Passage]
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: retrieval, parameterize, load_merge, generation
+    passages: list[Passage]  # retrieved for the question (listed in the prompt in rag/combine modes)
+    # seconds: retrieval, parameterize, load_merge, generation (first_token is part of generation)
+    timings: dict[str, float] = field(default_factory=dict)
+    lora_passages: list[Passage] = field(default_factory=list)  # whose LoRAs were merged into the model
+    new_tokens: int = 0
 
 
 class Pipeline:
@@ -55,13 +69,19 @@ class Pipeline:
         self._lora_model: lora.LoRAModel | None = None
         self._retriever: Retriever | None = None
         cfg = self.config
+        self.format = AnswerFormat.from_config(cfg.answer)
         model_key = cfg.model.name.replace("/", "_").strip("_.") or "model"
         self.augmentations = AugmentationStore(self.home / "augment" / f"{model_key}-{cfg.key('model', 'augment')}")
-        adapter_key = f"{model_key}-{cfg.key('model', 'augment', 'lora', 'train', 'answer')}"
+        keyed = Config.from_dict(cfg.to_dict())
+        if keyed.answer.style == "direct":  # few-shot examples only shape chain-of-thought training sequences
+            keyed.answer.fewshot = ""
+        adapter_key = f"{model_key}-{keyed.key('model', 'augment', 'lora', 'train', 'answer')}"
         if cfg.lora.init:  # the warm-up adapter's contents, not just its path, decide what is trained
             adapter_key += "-init" + hashlib.sha1(Path(cfg.lora.init).read_bytes()).hexdigest()[:8]
         self.adapters = AdapterStore(self.home / "adapters" / adapter_key, cfg.train.store_dtype)
         self._initial: lora.Adapter | None = None
+        # offline work done by this pipeline, cumulative: seconds augmenting and training, documents built
+        self.offline_seconds = {"augment_s": 0.0, "train_s": 0.0}
 
     # -- parts, loaded on first use -------------------------------------------------------------
     @property
@@ -91,7 +111,8 @@ class Pipeline:
         retriever = BM25Retriever.build(passages, show_progress=show_progress)
         retriever.save(self.home / "index")
         self._retriever = retriever
-        atomic_write_text(self.home / "config.json", json.dumps(self.config.to_dict(), indent=2))
+        # only what differs from the defaults: a later change of a default reaches this workspace
+        atomic_write_text(self.home / "config.json", json.dumps({"overrides": self.config.overrides()}, indent=2))
         return len(passages)
 
     def parameterize(self, passages: list[Passage], show_progress: bool = True) -> int:
@@ -105,12 +126,16 @@ class Pipeline:
             return 0
         cfg = self.config
         self._meta_once()
+        t = time.perf_counter()
         self.augment_missing(todo, show_progress)
+        self.offline_seconds["augment_s"] += time.perf_counter() - t
+        t = time.perf_counter()
         bar = tqdm(total=len(todo), desc="parameterize", unit="doc", disable=not show_progress)
         compile_layers = should_compile(cfg.train, len(todo), self.llm.device)
         with compiled_decoder(self.llm.model, compile_layers):
             self._train_and_store(todo, bar)
         bar.close()
+        self.offline_seconds["train_s"] += time.perf_counter() - t
         return len(todo)
 
     def _train_and_store(self, todo: list[Passage], bar: tqdm) -> None:
@@ -118,7 +143,7 @@ class Pipeline:
         for start in range(0, len(todo), cfg.train.docs_per_batch):
             group = todo[start : start + cfg.train.docs_per_batch]
             sequences = [
-                training_sequences(self.llm, p, self.augmentations.get(p.id), cfg.train, cfg.answer) for p in group
+                training_sequences(self.llm, p, self.augmentations.get(p.id), cfg.train, self.format) for p in group
             ]
             adapters = train_adapters(
                 self.llm, self.lora_model, sequences, cfg.lora, cfg.train, self.initial_adapter, show_progress=False
@@ -138,7 +163,8 @@ class Pipeline:
         """Train the shared initialization on held-in QA: each question with its gold passages, and alone.
 
         `questions` are `evaluate.Question`s whose `supporting_titles` name corpus passages. Use dev
-        questions OUTSIDE the evaluated range: the warm-up must teach the task, not the test's facts.
+        questions OUTSIDE the evaluated range (the tune slice): the warm-up must teach the task, not the
+        test's facts. Their ids are recorded in the adapter, and `prag eval` refuses to evaluate them with it.
         Returns the number of training sequences.
         """
         by_title: dict[str, list[Passage]] = {}
@@ -147,9 +173,8 @@ class Pipeline:
         sequences = []
         for q in questions:
             gold = [p for t in q.supporting_titles for p in by_title.get(t.lower(), [])[:1]]
-            sequences += warmup_sequences(
-                self.llm, q.question, q.golden_answers[0], gold, self.config.train, self.config.answer
-            )
+            answer = q.golden_answers[0]
+            sequences += warmup_sequences(self.llm, q.question, answer, gold, self.config.train, self.format)
         if not sequences:
             raise ValueError("no warm-up sequences: the questions have no answers")
         random.Random(self.config.lora.init_seed).shuffle(sequences)
@@ -158,8 +183,18 @@ class Pipeline:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.float().contiguous() for k, v in adapter.items()}
-        atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"questions": str(len(questions))}))
+        metadata = {"questions": str(len(questions)), "question_ids": json.dumps([q.id for q in questions])}
+        atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         return len(sequences)
+
+    def warmup_question_ids(self) -> set[str]:
+        """The ids of the questions the warm-up adapter (`lora.init`) was trained on; empty without one."""
+        if not self.config.lora.init:
+            return set()
+        from safetensors import safe_open
+
+        with safe_open(self.config.lora.init, framework="pt") as f:
+            return set(json.loads((f.metadata() or {}).get("question_ids", "[]")))
 
     def augment_missing(self, passages: list[Passage], show_progress: bool = True) -> None:
         """Generate and store augmentations for the passages that have none, in chunks (so a crash keeps most)."""
@@ -178,43 +213,77 @@ class Pipeline:
 
     # -- online -----------------------------------------------------------------------------------
     def retrieve(self, question: str, top_k: int | None = None) -> list[Passage]:
-        k = top_k or self.config.answer.top_k
+        k = self._check(question, top_k)
         return [hit.passage for hit in self.retriever.search(question, k)]
 
+    def unrelated_passages(self, question: str, exclude: list[Passage], k: int) -> list[Passage]:
+        """k passages chosen at random (seeded by the question) among those not retrieved for it."""
+        rng = random.Random(hashlib.sha1(question.encode()).hexdigest())
+        taken, pool = {p.id for p in exclude}, self.retriever.passages
+        chosen: list[Passage] = []
+        for i in rng.sample(range(len(pool)), min(len(pool), k + len(taken))):
+            if pool[i].id not in taken and len(chosen) < k:
+                chosen.append(pool[i])
+        return chosen
+
     def answer(
-        self, question: str, mode: str = "prag", top_k: int | None = None, show_progress: bool = False
+        self,
+        question: str,
+        mode: str = "prag",
+        top_k: int | None = None,
+        show_progress: bool = False,
+        lora_passages: list[Passage] | None = None,
     ) -> Answer:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        """Answer in one mode. `lora_passages` names the unrelated documents of a control mode."""
+        if mode not in ALL_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
+        k = self._check(question, top_k)
         timings: dict[str, float] = {}
         passages: list[Passage] = []
         if mode != "closed":
             t = time.perf_counter()
-            passages = self.retrieve(question, top_k)
+            passages = self.retrieve(question, k)
             timings["retrieval"] = time.perf_counter() - t
 
-        parametric = mode in ("prag", "combine") and passages
-        warm_only = not parametric and self.config.answer.init_in_all_modes and self.initial_adapter is not None
+        if mode in CONTROLS:
+            merged_from = lora_passages if lora_passages is not None else self.unrelated_passages(question, passages, k)
+        else:
+            merged_from = passages if mode in ("prag", "combine") else []
+        warm_only = not merged_from and self.config.answer.init_in_all_modes and self.initial_adapter is not None
         if warm_only:  # the warmed-up model as the baseline: its initialization without any document
             self.lora_model.inject(self.initial_adapter, self.config.lora.scale)
-        if parametric:
+        if merged_from:
             t = time.perf_counter()
-            self.parameterize(passages, show_progress)  # a no-op once the documents are stored
+            self.parameterize(merged_from, show_progress)  # a no-op once the documents are stored
             timings["parameterize"] = time.perf_counter() - t
             t = time.perf_counter()
-            adapters = [self.adapters.get(p.id) for p in passages]
+            adapters = [self.adapters.get(p.id) for p in merged_from]
             weights = None if self.config.answer.merge == "sum" else [1 / len(adapters)] * len(adapters)
-            merged = lora.merge(adapters, weights)
-            self.lora_model.inject(merged, self.config.lora.scale)
+            self.lora_model.inject(lora.merge(adapters, weights), self.config.lora.scale)
             timings["load_merge"] = time.perf_counter() - t
 
-        in_prompt = [p.contents for p in passages] if mode in ("rag", "combine") else []
-        prompt = self.llm.chat(question_prompt(question, in_prompt), self.config.answer.lead_in)
+        in_prompt = [p.contents for p in passages] if mode in PASSAGES_IN_PROMPT else []
+        prompt = self.format.chat_ids(self.llm, question, in_prompt)
         t = time.perf_counter()
+        clock: dict[str, float] = {}
         try:
-            text = self.llm.generate([prompt], self.config.answer.max_new_tokens, stop=answer_done)[0]
+            [text] = self.llm.generate([prompt], self.config.answer.max_new_tokens, stop=self.format.done, clock=clock)
         finally:
-            if parametric or warm_only:
+            if merged_from or warm_only:
                 self.lora_model.clear()
         timings["generation"] = time.perf_counter() - t
-        return Answer(question, mode, text.strip(), short_answer(text), passages, timings)
+        timings["first_token"] = clock.get("first_token", timings["generation"])
+        answer = Answer(question, mode, text.strip(), self.format.extract(text), passages, timings, merged_from)
+        answer.new_tokens = int(clock.get("new_tokens", 0))
+        return answer
+
+    def _check(self, question: str, top_k: int | None) -> int:
+        """Reject what would waste a generation or fail deep inside: the checked top-k."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question: must be a non-empty string")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise ValueError(f"question: {len(question)} characters, at most {MAX_QUESTION_CHARS}")
+        k = self.config.answer.top_k if top_k is None else top_k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
+            raise ValueError(f"top_k: {k!r} is out of range, expected an integer from 1 to {MAX_TOP_K}")
+        return k

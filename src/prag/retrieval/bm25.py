@@ -37,6 +37,8 @@ class BM25Retriever:
         tokens = bm25s.tokenize(
             [p.contents for p in passages], stopwords=_STOPWORDS, stemmer=stemmer, show_progress=show_progress
         )
+        if not tokens.vocab:
+            raise ValueError("the corpus has no indexable words (only stopwords, numbers or punctuation)")
         index = bm25s.BM25()
         index.index(tokens, show_progress=show_progress)
         return cls(index, list(passages))

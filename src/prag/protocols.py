@@ -1,0 +1,75 @@
+"""Per-dataset evaluation protocols: how each benchmark's questions are asked, answered and trained for.
+
+A protocol is a named set of config values (`section.field -> value`), applied over the defaults and
+under anything the user sets. It is picked from the dataset's name (the folder of FlashRAG's
+`<dataset>/dev.jsonl`, or the file's stem), or named with `--protocol`.
+
+Two profiles:
+
+    default    this project's choices, each made on the tune slice (questions 100+ of a dev file):
+               the direct or chain-of-thought style per dataset (docs/results.md, "Direct or
+               chain-of-thought"), the short-answer instruction in every mode, loss on answer tokens
+    reference  the reference implementation's own per-dataset settings (github oneal2000/PRAG,
+               configs/*_llama3.2-1b-instruct.sh and src/prompt_template.py): chain-of-thought with
+               few-shot examples and full-sentence training answers on HotpotQA and 2WikiMultihopQA
+               (128 new tokens), direct answers in 20 tokens on PopQA and ComplexWebQuestions, two
+               epochs on PopQA, its prompt word for word, loss on every token
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+PROFILES = ("default", "reference")
+
+_COT = {"answer.style": "cot", "answer.max_new_tokens": 128, "augment.full_answers": True}
+
+PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {
+        "popqa": {"answer.style": "direct"},
+        "complexwebquestions": {"answer.style": "direct"},
+        "hotpotqa": {"answer.style": "direct", "answer.fewshot": "hotpotqa"},
+        "2wikimultihopqa": {"answer.style": "direct", "answer.fewshot": "2wikimultihopqa"},
+    },
+    "reference": {
+        "popqa": {"answer.max_new_tokens": 20, "train.epochs": 2},
+        "complexwebquestions": {"answer.max_new_tokens": 20, "train.epochs": 1},
+        "hotpotqa": {**_COT, "answer.fewshot": "hotpotqa", "train.epochs": 1},
+        "2wikimultihopqa": {**_COT, "answer.fewshot": "2wikimultihopqa", "train.epochs": 1},
+    },
+}
+# every reference protocol: its prompt word for word, and the whole-sequence loss
+_REFERENCE_COMMON = {"answer.instruction": "reference", "train.loss_on": "all"}
+
+
+def dataset_name(path: str | Path) -> str:
+    """The protocol name a question file implies: its folder (FlashRAG's `<dataset>/dev.jsonl`) or stem."""
+    path = Path(path)
+    for candidate in (path.parent.name, path.stem):
+        if candidate.lower() in PROTOCOLS["default"]:
+            return candidate.lower()
+    return path.stem.lower()
+
+
+def protocol_settings(name: str, profile: str = "default") -> dict[str, Any]:
+    """The config values of a dataset's protocol; {} for a dataset without one (the defaults apply)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown protocol profile {profile!r}; choose from {', '.join(PROFILES)}")
+    if name in ("", "none"):
+        return {}
+    known = PROTOCOLS[profile]
+    if name not in known:
+        return {**_REFERENCE_COMMON} if profile == "reference" else {}
+    settings = dict(known[name])
+    if profile == "reference":
+        settings = {**_REFERENCE_COMMON, **settings}
+    return settings
+
+
+def apply_protocol(config: Config, settings: dict[str, Any]) -> Config:
+    for dotted, value in settings.items():
+        config.set(dotted, value)
+    return config
