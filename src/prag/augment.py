@@ -100,8 +100,20 @@ def answer_spans(passage: Passage) -> list[str]:
     return spans
 
 
-def answer_first_example() -> tuple[str, str]:
-    return ANSWER_FIRST_PROMPT.format(answer="1903", passage=_EXAMPLE_PASSAGE), " " + _EXAMPLE_PAIRS[0][0]
+NAME_SUBJECT = ' The question must name "{title}".'
+
+
+def answer_first_prompt(answer: str, passage: Passage, name_subject: bool = False) -> str:
+    prompt = ANSWER_FIRST_PROMPT.format(answer=answer, passage=passage.contents)
+    if name_subject and passage.title:  # the instruction goes before the passage, with the others
+        first, _, rest = prompt.partition("\n\n")
+        prompt = f"{first}{NAME_SUBJECT.format(title=passage.title)}\n\n{rest}"
+    return prompt
+
+
+def answer_first_example(name_subject: bool = False) -> tuple[str, str]:
+    example = Passage("example", *_EXAMPLE_PASSAGE.split("\n", 1))
+    return answer_first_prompt("1903", example, name_subject), " " + _EXAMPLE_PAIRS[0][0]
 
 
 def _question_done(text: str) -> bool:
@@ -264,15 +276,15 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
                 elif config.qa_style == "answer_first":
                     prompts = [
                         llm.chat(
-                            ANSWER_FIRST_PROMPT.format(answer=a, passage=by_id[d].contents),
+                            answer_first_prompt(a, by_id[d], config.name_subject),
                             QA_PREFIX,
-                            history=(answer_first_example(),),
+                            history=(answer_first_example(config.name_subject),),
                         )
                         for d, a in batch
                     ]
                     outputs = llm.generate(prompts, config.qa_tokens_per_pair, stop=_question_done, **sampling)
                     for (doc_id, answer), output in zip(batch, outputs, strict=True):
-                        _accept_question(output, answer, results[doc_id], rejected[doc_id], config)
+                        _accept_question(output, answer, by_id[doc_id], results[doc_id], rejected[doc_id], config)
                 else:
                     n = config.qa_pairs + 1  # one spare: some pairs are always rejected
                     template = QA_FULL_PROMPT if config.full_answers else QA_PROMPT
@@ -309,12 +321,16 @@ def _accept_rewrite(output: str, passage: Passage, result: Augmentation, rejecte
         result.rewrites.append(output)
 
 
-def _accept_question(output: str, answer: str, result: Augmentation, rejected: Counter, config) -> None:
+def _accept_question(
+    output: str, answer: str, passage: Passage, result: Augmentation, rejected: Counter, config
+) -> None:
     question = output.strip().split("\n")[0].strip()
     if len(_words(question)) < 3:
         rejected["unparsable"] += 1
     elif set(_words(answer)) <= set(_words(question)):
         rejected["answer_in_question"] += 1
+    elif config.name_subject and passage.title and not set(_words(passage.title)) & set(_words(question)):
+        rejected["subject_not_named"] += 1
     elif question.lower() in {q["question"].lower() for q in result.qa}:
         rejected["duplicate"] += 1
     elif len(result.qa) < config.qa_pairs:

@@ -27,12 +27,13 @@ NOT_KEYED = {
     "answer.top_k",
     "answer.max_new_tokens",
     "answer.init_in_all_modes",
+    "answer.lora_scale",
 }
 # Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
 CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "train.objective": ("lm", "distill"),
-    "train.loss_on": ("answer", "all"),
+    "train.loss_on": ("answer", "all", "grounded"),
     "train.store_dtype": ("bfloat16", "float16", "float32"),
     "train.compile": ("auto", "on", "off"),
     "augment.qa_style": ("free", "answer_first"),
@@ -59,6 +60,9 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
     init_seed: int = 0  # every document starts from the same random A (B is zero)...
     init: str = ""  # ...or from this warm-up adapter (`prag warmup`), a .safetensors file
+    # A format adapter (`prag warmup`), injected in EVERY mode and held fixed while documents are trained on
+    # top of it: it carries the answer format, so document LoRAs need carry only their facts.
+    base: str = ""
 
     @property
     def scale(self) -> float:
@@ -75,8 +79,12 @@ class TrainConfig:
     # on the answers to the generated questions (KL, the frozen model is the teacher).
     objective: str = "lm"
     # for "lm": the "answer" tokens only (default: better F1 in every mode and set of the ablation in
-    # docs/results.md) or "all" tokens of the sequence (the reference)
+    # docs/results.md), "all" tokens of the sequence (the reference), or "grounded": the answer tokens whose
+    # words occur in the passage (what the passage says, not what the augmenting model made up)
     loss_on: str = "answer"
+    # also train on the passage and each rewrite as plain text (next-token loss on every token), the way
+    # continued pretraining stores facts
+    document_lm: bool = False
     docs_per_batch: int = 16  # documents trained together in one forward/backward pass...
     max_tokens_per_step: int = 8192  # ...as long as their padded sequences stay within this many tokens
     # torch.compile the decoder layers while training (fuses the work around the matmuls, ~1.2x on a
@@ -95,6 +103,8 @@ class AugmentConfig:
     qa_style: str = "free"
     # each QA pair also gets a one-sentence answer ("full_answer"), what chain-of-thought training replies with
     full_answers: bool = False
+    # answer_first: every question must name the passage's subject (its title), as users' questions do
+    name_subject: bool = False
     attempts: int = 3  # generation rounds per document before giving up on missing items
     temperature: float = 0.7
     top_k: int = 50
@@ -117,6 +127,7 @@ class AnswerConfig:
     max_new_tokens: int = 32
     lead_in: str = "The answer is"
     merge: str = "sum"  # k retrieved documents' LoRAs: "sum" of their deltas (reference) or "mean"
+    lora_scale: float = 1.0  # the documents' merged delta is multiplied by this at question time
     init_in_all_modes: bool = False  # with a warm-up adapter (lora.init): inject it in closed/rag too
 
 

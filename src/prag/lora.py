@@ -45,19 +45,34 @@ class LoRALinear(nn.Module):
         return y + self.scale * torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
 
 
+# where each projection lives in a Llama/Qwen2/Mistral decoder layer (the paper targets the FFN only)
+BLOCKS = {
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+}
+
+
 class LoRAModel:
-    """Handles to the LoRALinear layers put into a model's FFNs, by module name and layer."""
+    """Handles to the LoRALinear layers put into a model's projections, by module name and layer."""
 
     def __init__(self, model: nn.Module, target_modules: tuple[str, ...]):
         self.target_modules = tuple(target_modules)
+        unknown = [name for name in self.target_modules if name not in BLOCKS]
+        if unknown:
+            raise ValueError(f"lora.target_modules: unknown projection(s) {unknown}; choose from {', '.join(BLOCKS)}")
         self.layers: dict[str, list[LoRALinear]] = {name: [] for name in self.target_modules}
         for layer in find_decoder_layers(model):
-            mlp = layer.mlp
             for name in self.target_modules:
-                module = getattr(mlp, name)
+                block = getattr(layer, BLOCKS[name])
+                module = getattr(block, name)
                 if not isinstance(module, LoRALinear):
                     module = LoRALinear(module)
-                    setattr(mlp, name, module)
+                    setattr(block, name, module)
                 self.layers[name].append(module)
 
     @property
@@ -115,13 +130,20 @@ def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> Adapter:
 
 def merge(adapters: list[Adapter], weights: list[float] | None = None) -> Adapter:
     """The exact weighted sum of the adapters' deltas (plain sum by default), as one adapter of the summed rank."""
+    if weights is not None and all(w == 1 for w in weights):
+        weights = None
     if weights is None and len(adapters) == 1:
         return adapters[0]
     if weights is not None:  # w * (B A) = (w B) A: weight the B factors
         adapters = [
             {k: v * w if k.endswith(".B") else v for k, v in a.items()} for a, w in zip(adapters, weights, strict=True)
         ]
-    return {key: torch.cat([a[key] for a in adapters], dim=1 if key.endswith(".A") else 2) for key in adapters[0]}
+    merged = {}
+    for key in adapters[0]:
+        parts = [a[key] for a in adapters]
+        dtype = parts[0].dtype if all(p.dtype == parts[0].dtype for p in parts) else torch.float32
+        merged[key] = torch.cat([p.to(dtype) for p in parts], dim=1 if key.endswith(".A") else 2)
+    return merged
 
 
 def stack(adapters: list[Adapter]) -> Adapter:

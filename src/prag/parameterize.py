@@ -21,6 +21,7 @@ distributions are computed once per document group, before training.
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,14 +77,34 @@ def training_sequences(
     texts = [passage.contents] + augmentation.rewrites
     with_passage = (len(augmentation.qa) + 1) // 2
     sequences = []
+    if train.document_lm:  # the passage and its rewrites as plain text, every token a label
+        for text in texts:
+            ids = llm.tokenizer.encode(text, add_special_tokens=False)[: train.max_length]
+            sequences.append(Sequence(ids, list(ids)))
     for i, qa in enumerate(augmentation.qa):
         contexts = [[t] for t in texts] if i < with_passage else [[]]
         reply = _reply_ids(llm, fmt, qa)
+        if train.loss_on == "grounded":
+            reply_labels = _grounded(llm, reply, passage.contents)
         for context in contexts:
             prompt = _prompt_ids(llm, fmt, qa["question"], context, train.max_length - len(reply))
             ids = (prompt + reply)[: train.max_length]
-            sequences.append(Sequence(ids, _labels(prompt, reply, train.loss_on)[: len(ids)]))
+            labels = [IGNORE] * len(prompt) + reply_labels if train.loss_on == "grounded" else None
+            sequences.append(Sequence(ids, (labels or _labels(prompt, reply, train.loss_on))[: len(ids)]))
     return [s for s in sequences if _trainable(s, train.max_length)]
+
+
+def _grounded(llm: LLM, reply: list[int], source: str) -> list[int]:
+    """Labels for a reply that keep only the tokens whose words occur in the source passage: the facts the
+    passage states, not the connecting words or what the augmenting model made up."""
+    words = set(re.findall(r"\w+", source.lower()))
+    labels = []
+    for token in reply:
+        pieces = re.findall(r"\w+", llm.tokenizer.decode([token]).lower())
+        # a word piece counts if it is a word of the passage or a prefix/suffix of one (sub-word tokens)
+        grounded = bool(pieces) and all(any(w.startswith(x) or w.endswith(x) for w in words) for x in pieces)
+        labels.append(token if grounded else IGNORE)
+    return labels
 
 
 def warmup_sequences(
@@ -163,8 +184,13 @@ def train_adapters(
     train: TrainConfig,
     initial: Adapter | None = None,
     show_progress: bool = True,
+    base: Adapter | None = None,
 ) -> list[Adapter]:
-    """One trained adapter per document (given as its training sequences), in input order."""
+    """One trained adapter per document (given as its training sequences), in input order.
+
+    `base`, a fixed adapter (the format adapter, `lora.base`), is applied beside every document's LoRA
+    and is not trained: the documents learn what it does not already provide.
+    """
     shapes = lora_model.shapes(lora.rank)
     initial = initial if initial is not None else init_adapter(shapes, lora.init_seed)
     results: list[Adapter] = []
@@ -172,14 +198,15 @@ def train_adapters(
     bar = tqdm(total=total_steps, desc="train", unit="seq", disable=not show_progress)
     for start in range(0, len(documents), train.docs_per_batch):
         group = documents[start : start + train.docs_per_batch]
-        results += _train_group(llm, lora_model, group, lora, train, initial, bar)
+        results += _train_group(llm, lora_model, group, lora, train, initial, bar, base)
     bar.close()
     return results
 
 
-def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adapter]:
+def _train_group(llm, lora_model, group, lora, train, initial, bar, base=None) -> list[Adapter]:
     n = len(group)
     device = llm.device
+    fixed = {k: v.to(device, torch.float32) for k, v in base.items()} if base is not None else None
     # fp32 master weights, one slice per document, all starting from the same initialization
     params = {
         k: v.to(device, torch.float32).unsqueeze(1).repeat(1, n, *[1] * (v.dim() - 1)) for k, v in initial.items()
@@ -204,7 +231,7 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adap
             active[chosen] = True
             rows = torch.tensor(chosen)
             batch = [schedules[j][done[j]] for j in chosen]
-            lora_model.inject({k: p[:, rows] for k, p in params.items()}, lora.scale)
+            lora_model.inject(_with_base({k: p[:, rows] for k, p in params.items()}, fixed), lora.scale)
             loss = sequence_losses(llm, batch, teacher).sum()
             loss.backward()
             optimizer.step(active.to(device))
@@ -214,6 +241,18 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar) -> list[Adap
     finally:
         lora_model.clear()
     return [{k: p[:, j].detach().to("cpu").clone() for k, p in params.items()} for j in range(n)]
+
+
+def _with_base(batched: Adapter, fixed: Adapter | None) -> Adapter:
+    """Per-example adapters (L, batch, ...) with the fixed base adapter beside each one: concatenated
+    along the rank, so each example's delta is the base's plus its own (gradients reach only its own)."""
+    if fixed is None:
+        return batched
+    out = {}
+    for key, p in batched.items():
+        base = fixed[key].unsqueeze(1).expand(-1, p.shape[1], *fixed[key].shape[1:])
+        out[key] = torch.cat([base, p], dim=2 if key.endswith(".A") else 3)
+    return out
 
 
 def should_compile(train: TrainConfig, num_documents: int, device: torch.device) -> bool:

@@ -76,10 +76,15 @@ class Pipeline:
         if keyed.answer.style == "direct":  # few-shot examples only shape chain-of-thought training sequences
             keyed.answer.fewshot = ""
         adapter_key = f"{model_key}-{keyed.key('model', 'augment', 'lora', 'train', 'answer')}"
-        if cfg.lora.init:  # the warm-up adapter's contents, not just its path, decide what is trained
-            adapter_key += "-init" + hashlib.sha1(Path(cfg.lora.init).read_bytes()).hexdigest()[:8]
+        for kind in ("init", "base"):  # the warm-up/format adapter's contents, not just its path, decide training
+            path = getattr(cfg.lora, kind)
+            if path:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"lora.{kind}={path!r}: no such adapter file (`prag warmup` writes one)")
+                adapter_key += f"-{kind}" + hashlib.sha1(Path(path).read_bytes()).hexdigest()[:8]
         self.adapters = AdapterStore(self.home / "adapters" / adapter_key, cfg.train.store_dtype)
         self._initial: lora.Adapter | None = None
+        self._base: lora.Adapter | None = None
         # offline work done by this pipeline, cumulative: seconds augmenting and training, documents built
         self.offline_seconds = {"augment_s": 0.0, "train_s": 0.0}
 
@@ -146,7 +151,14 @@ class Pipeline:
                 training_sequences(self.llm, p, self.augmentations.get(p.id), cfg.train, self.format) for p in group
             ]
             adapters = train_adapters(
-                self.llm, self.lora_model, sequences, cfg.lora, cfg.train, self.initial_adapter, show_progress=False
+                self.llm,
+                self.lora_model,
+                sequences,
+                cfg.lora,
+                cfg.train,
+                self.initial_adapter,
+                show_progress=False,
+                base=self.base_adapter,
             )
             for passage, adapter in zip(group, adapters, strict=True):
                 self.adapters.put(passage.id, adapter)
@@ -158,6 +170,13 @@ class Pipeline:
         if self._initial is None and self.config.lora.init:
             self._initial = {k: v.float() for k, v in load_file(self.config.lora.init).items()}
         return self._initial
+
+    @property
+    def base_adapter(self) -> lora.Adapter | None:
+        """The format adapter (`lora.base`) injected in every mode, or None."""
+        if self._base is None and self.config.lora.base:
+            self._base = {k: v.float() for k, v in load_file(self.config.lora.base).items()}
+        return self._base
 
     def warmup(self, questions: list, out: str | Path, show_progress: bool = True) -> int:
         """Train the shared initialization on held-in QA: each question with its gold passages, and alone.
@@ -250,15 +269,21 @@ class Pipeline:
         else:
             merged_from = passages if mode in ("prag", "combine") else []
         warm_only = not merged_from and self.config.answer.init_in_all_modes and self.initial_adapter is not None
+        base = self.base_adapter
         if warm_only:  # the warmed-up model as the baseline: its initialization without any document
             self.lora_model.inject(self.initial_adapter, self.config.lora.scale)
+        elif base is not None and not merged_from:  # the format adapter alone
+            self.lora_model.inject(base, self.config.lora.scale)
         if merged_from:
             t = time.perf_counter()
             self.parameterize(merged_from, show_progress)  # a no-op once the documents are stored
             timings["parameterize"] = time.perf_counter() - t
             t = time.perf_counter()
             adapters = [self.adapters.get(p.id) for p in merged_from]
-            weights = None if self.config.answer.merge == "sum" else [1 / len(adapters)] * len(adapters)
+            share = 1.0 if self.config.answer.merge == "sum" else 1 / len(adapters)
+            weights = [share * self.config.answer.lora_scale] * len(adapters)
+            if base is not None:  # the format adapter once, beside the documents' deltas
+                adapters, weights = [base, *adapters], [1.0, *weights]
             self.lora_model.inject(lora.merge(adapters, weights), self.config.lora.scale)
             timings["load_merge"] = time.perf_counter() - t
 
@@ -269,8 +294,7 @@ class Pipeline:
         try:
             [text] = self.llm.generate([prompt], self.config.answer.max_new_tokens, stop=self.format.done, clock=clock)
         finally:
-            if merged_from or warm_only:
-                self.lora_model.clear()
+            self.lora_model.clear()
         timings["generation"] = time.perf_counter() - t
         timings["first_token"] = clock.get("first_token", timings["generation"])
         answer = Answer(question, mode, text.strip(), self.format.extract(text), passages, timings, merged_from)

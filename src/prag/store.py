@@ -102,11 +102,13 @@ def export_peft(adapter: Adapter, out_dir: str | Path, meta: dict, base_model_pa
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_path,
     )
+    from .lora import BLOCKS
+
     tensors = {}
     for module in lora["target_modules"]:
         A, B = adapter[f"{module}.A"], adapter[f"{module}.B"]
         for layer in range(A.shape[0]):
-            prefix = f"base_model.model.model.layers.{layer}.mlp.{module}"
+            prefix = f"base_model.model.model.layers.{layer}.{BLOCKS[module]}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = A[layer].contiguous()
             tensors[f"{prefix}.lora_B.weight"] = B[layer].contiguous()
     config.save_pretrained(str(out))

@@ -1,0 +1,144 @@
+"""Options that try to make document LoRAs carry facts: a format adapter beside them, attention targets,
+the grounded and document losses, the merge scale, subject-naming questions (tiny models, no download)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from prag import Config, Pipeline, lora
+from prag.augment import Augmentation, _accept_question, answer_first_prompt
+from prag.config import AugmentConfig, LoRAConfig, TrainConfig
+from prag.corpus import Passage
+from prag.llm import LLM
+from prag.lora import LoRAModel, init_adapter
+from prag.parameterize import IGNORE, Sequence, train_adapters, training_sequences
+from prag.prompt import AnswerFormat
+
+PASSAGE = Passage("d1", "Ada Lovelace", "Ada Lovelace was an English mathematician who died in London in 1852.")
+AUG = Augmentation(
+    "d1",
+    rewrites=["In 1852 the English mathematician Ada Lovelace died in London."],
+    qa=[{"question": "Where did Ada Lovelace die?", "answer": "in the city of London"}],
+)
+
+
+def docs(seed: int, n: int = 2) -> list[list[Sequence]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 2000, (16,), generator=g).tolist()
+        out.append([Sequence(ids, [IGNORE] * 8 + ids[8:])])
+    return out
+
+
+def test_attention_projections_can_carry_a_lora(tiny_llm):
+    targets = ("q_proj", "v_proj", "down_proj")
+    model = LoRAModel(tiny_llm.model, targets)
+    adapter = train_adapters(
+        tiny_llm, model, docs(1, 1), LoRAConfig(target_modules=targets), TrainConfig(lr=1e-2), show_progress=False
+    )[0]
+    assert adapter["q_proj.A"].shape[0] == 2 and adapter["q_proj.B"].abs().sum() > 0  # attention was trained
+    ids = torch.tensor([docs(2, 1)[0][0].input_ids])
+    with torch.no_grad():
+        plain = tiny_llm.model(ids).logits
+        model.inject(adapter, 16.0)
+        injected = tiny_llm.model(ids).logits
+        model.clear()
+    assert not torch.allclose(plain, injected)
+    with pytest.raises(ValueError, match="unknown projection"):
+        LoRAModel(tiny_llm.model, ("w_proj",))
+
+
+def test_a_format_adapter_is_fixed_and_documents_learn_beside_it(tiny_llm):
+    model = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    config, train = LoRAConfig(), TrainConfig(lr=1e-2, epochs=2)
+    shapes = model.shapes(config.rank)
+    # a base with B = 0 adds nothing: training beside it equals training alone
+    zero = init_adapter(shapes, seed=7)
+    alone = train_adapters(tiny_llm, model, docs(3), config, train, show_progress=False)
+    beside_zero = train_adapters(tiny_llm, model, docs(3), config, train, show_progress=False, base=zero)
+    for a, b in zip(alone, beside_zero, strict=True):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    # a real base changes what the documents learn, and is itself never trained
+    base = {k: (v + 0.05 if k.endswith(".B") else v) for k, v in zero.items()}
+    frozen = {k: v.clone() for k, v in base.items()}
+    beside = train_adapters(tiny_llm, model, docs(3), config, train, show_progress=False, base=base)
+    assert all(torch.equal(base[k], frozen[k]) for k in base)
+    assert not torch.allclose(beside[0]["down_proj.B"], alone[0]["down_proj.B"])
+
+
+def test_the_format_adapter_is_injected_in_every_mode(tiny_llm, tmp_path):
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parent.parent / "data" / "demo" / "corpus.jsonl"
+    model = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    base = {k: v + 0.05 if k.endswith(".B") else v for k, v in init_adapter(model.shapes(2), 1).items()}
+    path = tmp_path / "format.safetensors"
+    save_file(base, str(path))
+    config = Config()
+    config.lora.base = str(path)
+    pipeline = Pipeline(tmp_path / "home", config, llm=tiny_llm)
+    assert "-base" in pipeline.adapters.root.name  # a different base is a different store
+    pipeline.index(demo, show_progress=False)
+    pipeline.config.answer.max_new_tokens = 2
+    seen = []  # what the first FFN projection adds while the model runs
+    layer = pipeline.lora_model.layers["down_proj"][0]
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(None if m.A is None else m.B.clone()))
+    try:
+        pipeline.answer("Who is George Rankin?", "closed")
+        pipeline.answer("Who is George Rankin?", "rag", top_k=1)
+    finally:
+        hook.remove()
+    assert seen and all(b is not None and torch.equal(b, base["down_proj.B"][0]) for b in seen)
+    assert layer.A is None  # cleared after answering
+
+
+def test_merge_scale_and_mixed_dtypes():
+    shapes = {"down_proj.A": (2, 2, 8), "down_proj.B": (2, 6, 2)}
+    a = {k: v + 0.1 for k, v in init_adapter(shapes, 1).items()}
+    b = {k: (v + 0.2).to(torch.bfloat16) for k, v in init_adapter(shapes, 2).items()}
+    merged = lora.merge([a, b], [1.0, 0.5])
+    expected = lora.delta(a, "down_proj", 1, 2.0) + 0.5 * lora.delta(b, "down_proj", 1, 2.0)
+    torch.testing.assert_close(lora.delta(merged, "down_proj", 1, 2.0), expected)
+    assert merged["down_proj.B"].dtype == torch.float32
+    assert lora.merge([a], [1.0]) is a  # a weight of one is no copy
+
+
+def _llm(tokenizer) -> LLM:
+    return LLM(SimpleNamespace(), tokenizer, "tokenizer only")  # training_sequences only tokenizes
+
+
+def test_grounded_loss_labels_only_words_of_the_passage(tokenizer):
+    llm, fmt = _llm(tokenizer), AnswerFormat()
+    seqs = training_sequences(llm, PASSAGE, AUG, TrainConfig(loss_on="grounded"), fmt)
+    labelled = [tokenizer.decode([t]) for t in seqs[0].labels if t != IGNORE]
+    assert "".join(labelled).split() == ["in", "London"]  # "the city of" is not in the passage; "." no word
+    answer = training_sequences(llm, PASSAGE, AUG, TrainConfig(loss_on="answer"), fmt)
+    assert sum(t != IGNORE for t in answer[0].labels) > sum(t != IGNORE for t in seqs[0].labels)
+
+
+def test_document_lm_trains_on_the_passage_and_its_rewrites(tokenizer):
+    llm, fmt = _llm(tokenizer), AnswerFormat()
+    plain = training_sequences(llm, PASSAGE, AUG, TrainConfig(), fmt)
+    with_text = training_sequences(llm, PASSAGE, AUG, TrainConfig(document_lm=True), fmt)
+    assert len(with_text) == len(plain) + 2
+    for seq, text in zip(with_text[:2], [PASSAGE.contents, AUG.rewrites[0]], strict=True):
+        assert tokenizer.decode(seq.input_ids) == text and seq.labels == seq.input_ids
+
+
+def test_answer_first_questions_can_be_required_to_name_the_subject():
+    prompt = answer_first_prompt("1852", PASSAGE, name_subject=True)
+    assert 'must name "Ada Lovelace"' in prompt.split("\n\n")[0]
+    assert "must name" not in answer_first_prompt("1852", PASSAGE)
+    config, rejected, result = AugmentConfig(qa_style="answer_first", name_subject=True), Counter(), Augmentation("d1")
+    _accept_question("When did she die?", "1852", PASSAGE, result, rejected, config)
+    _accept_question("When did Ada Lovelace die?", "1852", PASSAGE, result, rejected, config)
+    assert rejected == {"subject_not_named": 1} and result.qa == [
+        {"question": "When did Ada Lovelace die?", "answer": "1852"}
+    ]
