@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
+from prag.evaluate import paired_bootstrap
 
 RESAMPLES = 10_000
 
@@ -37,11 +37,8 @@ def paired(x: dict[str, float], y: dict[str, float]) -> tuple[float, float, floa
     ids = sorted(x.keys() & y.keys())
     if len(ids) != len(x) or len(ids) != len(y):
         raise ValueError(f"the runs answered different questions ({len(x)} vs {len(y)}, {len(ids)} shared)")
-    diff = np.array([y[i] - x[i] for i in ids])
-    rng = np.random.default_rng(0)
-    means = diff[rng.integers(0, len(diff), size=(RESAMPLES, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(low), float(high)
+    d = paired_bootstrap([y[i] for i in ids], [x[i] for i in ids], resamples=RESAMPLES)
+    return d["diff"], d["low"], d["high"]
 
 
 def mean(scores: dict[str, float]) -> float:
