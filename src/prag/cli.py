@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--out", required=True, help="output directory for metrics.json, predictions.jsonl, report.md")
     p.add_argument("--show-answers", action="store_true", help="print every answer per mode")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="questions of a mode answered in one batched generation (faster; latencies are then per batch)",
+    )
 
     p = commands.add_parser("export", help="write documents' LoRA (merged if several) as a PEFT adapter directory")
     _common(p)
@@ -217,7 +223,9 @@ def cmd_eval(pipeline: Pipeline, args) -> int:
     questions = load_questions(args.dataset, limit=args.limit, offset=args.offset, slice=args.slice)
     if not questions:
         raise ValueError(f"{args.dataset}: no questions in slice {args.slice!r} at offset {args.offset}")
-    evaluation, offline = run(pipeline, questions, modes, top_k, show_progress=not args.quiet)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: {args.batch_size} is out of range, expected 1 or more")
+    evaluation, offline = run(pipeline, questions, modes, top_k, not args.quiet, args.batch_size)
     name = protocol_name(args)
     protocol = {"name": name, "profile": args.profile, "settings": protocol_settings(name, args.profile)}
     metrics = evaluation.metrics(
@@ -226,6 +234,7 @@ def cmd_eval(pipeline: Pipeline, args) -> int:
         pipeline.config.model.name,
         extra={
             "slice": {"name": args.slice, "offset": args.offset, "ids": [q.id for q in questions]},
+            "batch_size": args.batch_size,
             "protocol": protocol,
             "offline": offline,
             "config": pipeline.config.to_dict(),

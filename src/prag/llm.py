@@ -155,7 +155,8 @@ class LLM:
 
         `stop(text_so_far)` ends a row early, so one long row does not keep the batch decoding.
         `clock`, if given, receives `first_token` (seconds from the call to the first generated token:
-        the prompt's cost) and `new_tokens` (the most any row generated, end-of-sequence included).
+        the prompt's cost), `new_tokens` (the most any row generated, end-of-sequence included) and
+        `row_new_tokens` (each row's count).
         """
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -189,6 +190,7 @@ class LLM:
             # a row's length: up to and including its first end-of-sequence (or padding) token
             lengths = torch.where(finished.any(1), finished.int().argmax(1) + 1, new.shape[1])
             clock["new_tokens"] = int(lengths.max()) if len(lengths) else 0
+            clock["row_new_tokens"] = lengths.tolist()
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 

@@ -151,6 +151,31 @@ def stack(adapters: list[Adapter]) -> Adapter:
     return {key: torch.stack([a[key] for a in adapters], dim=1) for key in adapters[0]}
 
 
+def stack_padded(adapters: list[Adapter | None]) -> Adapter | None:
+    """`stack` for adapters of different ranks, and rows without one (None): each is padded with zero
+    rows of A and zero columns of B up to the largest rank, which adds exactly nothing to its delta.
+    Lets one batched generation serve requests that merged 0, 1 or k documents. None if no row has one."""
+    present = [a for a in adapters if a is not None]
+    if not present:
+        return None
+    first = present[0]
+    names = sorted({key.rsplit(".", 1)[0] for key in first})
+    rank = max(a[f"{names[0]}.A"].shape[1] for a in present)
+    stacked: Adapter = {}
+    for key, ref in first.items():
+        rank_dim = 1 if key.endswith(".A") else 2  # A: (L, r, in), B: (L, out, r)
+        shape = list(ref.shape)
+        shape.insert(1, len(adapters))
+        shape[rank_dim + 1] = rank
+        out = torch.zeros(shape, dtype=ref.dtype)
+        for row, a in enumerate(adapters):
+            if a is not None:
+                r = a[key].shape[rank_dim]
+                (out[:, row, :r] if rank_dim == 1 else out[:, row, :, :r]).copy_(a[key])
+        stacked[key] = out
+    return stacked
+
+
 def delta(adapter: Adapter, name: str, layer: int, scale: float) -> torch.Tensor:
     """The dense weight delta `scale * B @ A` of one projection (for tests and export checks)."""
     return scale * adapter[f"{name}.B"][layer].float() @ adapter[f"{name}.A"][layer].float()

@@ -57,6 +57,25 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
     lora_passages: list[Passage] = field(default_factory=list)  # whose LoRAs were merged into the model
     new_tokens: int = 0
+    missing: list[Passage] = field(default_factory=list)  # of lora_passages: not parameterized yet, not merged
+    scores: list[float] = field(default_factory=list)  # the passages' retrieval scores
+    prompt_tokens: int = 0
+
+
+@dataclass
+class Prepared:
+    """A question made ready to generate: what `Pipeline.prepare` hands to `Pipeline.generate`."""
+
+    question: str
+    mode: str
+    top_k: int
+    passages: list[Passage]  # retrieved
+    lora_passages: list[Passage]  # whose LoRAs are to be merged
+    prompt: list[int]  # token ids
+    adapter: lora.Adapter | None = None  # the merged adapter of the stored ones among lora_passages
+    missing: list[Passage] = field(default_factory=list)  # lora_passages without a stored adapter
+    timings: dict[str, float] = field(default_factory=dict)
+    scores: list[float] = field(default_factory=list)  # the passages' retrieval scores
 
 
 class Pipeline:
@@ -104,11 +123,15 @@ class Pipeline:
     @property
     def retriever(self) -> Retriever:
         if self._retriever is None:
-            index = self.home / "index"
-            if not (index / "retriever.json").exists():
-                raise FileNotFoundError(f"no index in {self.home}: run `prag index CORPUS` first")
-            self._retriever = load_retriever(index)
+            try:
+                self._retriever = load_retriever(self.home / "index")
+            except FileNotFoundError:
+                raise FileNotFoundError(f"no index in {self.home}: run `prag index CORPUS` first") from None
         return self._retriever
+
+    @retriever.setter
+    def retriever(self, retriever: Retriever) -> None:
+        self._retriever = retriever
 
     # -- offline ----------------------------------------------------------------------------------
     def index(self, corpus: str | Path, show_progress: bool = True) -> int:
@@ -232,7 +255,7 @@ class Pipeline:
 
     # -- online -----------------------------------------------------------------------------------
     def retrieve(self, question: str, top_k: int | None = None) -> list[Passage]:
-        k = self._check(question, top_k)
+        k = check_question(question, top_k, self.config.answer.top_k)
         return [hit.passage for hit in self.retriever.search(question, k)]
 
     def unrelated_passages(self, question: str, exclude: list[Passage], k: int) -> list[Passage]:
@@ -254,60 +277,118 @@ class Pipeline:
         lora_passages: list[Passage] | None = None,
     ) -> Answer:
         """Answer in one mode. `lora_passages` names the unrelated documents of a control mode."""
+        prepared = self.prepare(question, mode, top_k, lora_passages, show_progress=show_progress)
+        return self.generate([prepared])[0]
+
+    def prepare(
+        self,
+        question: str,
+        mode: str = "prag",
+        top_k: int | None = None,
+        lora_passages: list[Passage] | None = None,
+        build: bool = True,
+        show_progress: bool = False,
+    ) -> Prepared:
+        """Everything before generation: retrieval, the documents whose LoRAs to merge, their merged
+        adapter, and the prompt. `build=False` parameterizes nothing: documents without a stored
+        adapter are left out of the merge and listed in `missing` (a service builds them elsewhere)."""
+        k = check_question(question, top_k, self.config.answer.top_k)
         if mode not in ALL_MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
-        k = self._check(question, top_k)
+            raise ValueError(f"mode: unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
         timings: dict[str, float] = {}
-        passages: list[Passage] = []
+        hits = []
         if mode != "closed":
             t = time.perf_counter()
-            passages = self.retrieve(question, k)
+            hits = self.retriever.search(question, k)
             timings["retrieval"] = time.perf_counter() - t
-
+        passages = [hit.passage for hit in hits]
         if mode in CONTROLS:
             merged_from = lora_passages if lora_passages is not None else self.unrelated_passages(question, passages, k)
         else:
             merged_from = passages if mode in ("prag", "combine") else []
-        warm_only = not merged_from and self.config.answer.init_in_all_modes and self.initial_adapter is not None
-        base = self.base_adapter
-        if warm_only:  # the warmed-up model as the baseline: its initialization without any document
-            self.lora_model.inject(self.initial_adapter, self.config.lora.scale)
-        elif base is not None and not merged_from:  # the format adapter alone
-            self.lora_model.inject(base, self.config.lora.scale)
-        if merged_from:
+        if merged_from and build:
             t = time.perf_counter()
             self.parameterize(merged_from, show_progress)  # a no-op once the documents are stored
             timings["parameterize"] = time.perf_counter() - t
-            t = time.perf_counter()
-            adapters = [self.adapters.get(p.id) for p in merged_from]
-            share = 1.0 if self.config.answer.merge == "sum" else 1 / len(adapters)
-            weights = [share * self.config.answer.lora_scale] * len(adapters)
-            if base is not None:  # the format adapter once, beside the documents' deltas
-                adapters, weights = [base, *adapters], [1.0, *weights]
-            self.lora_model.inject(lora.merge(adapters, weights), self.config.lora.scale)
-            timings["load_merge"] = time.perf_counter() - t
-
         in_prompt = [p.contents for p in passages] if mode in PASSAGES_IN_PROMPT else []
         prompt = self.format.chat_ids(self.llm, question, in_prompt)
-        t = time.perf_counter()
-        clock: dict[str, float] = {}
-        try:
-            [text] = self.llm.generate([prompt], self.config.answer.max_new_tokens, stop=self.format.done, clock=clock)
-        finally:
-            self.lora_model.clear()
-        timings["generation"] = time.perf_counter() - t
-        timings["first_token"] = clock.get("first_token", timings["generation"])
-        answer = Answer(question, mode, text.strip(), self.format.extract(text), passages, timings, merged_from)
-        answer.new_tokens = int(clock.get("new_tokens", 0))
-        return answer
+        prepared = Prepared(question, mode, k, passages, list(merged_from), prompt, timings=timings)
+        prepared.scores = [hit.score for hit in hits]
+        return self.merge_adapters(prepared)
 
-    def _check(self, question: str, top_k: int | None) -> int:
-        """Reject what would waste a generation or fail deep inside: the checked top-k."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("question: must be a non-empty string")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise ValueError(f"question: {len(question)} characters, at most {MAX_QUESTION_CHARS}")
-        k = self.config.answer.top_k if top_k is None else top_k
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
-            raise ValueError(f"top_k: {k!r} is out of range, expected an integer from 1 to {MAX_TOP_K}")
-        return k
+    def merge_adapters(self, prepared: Prepared) -> Prepared:
+        """(Re)load and merge the stored adapters of `prepared.lora_passages`; those not stored yet stay `missing`."""
+        ready = [p for p in prepared.lora_passages if self.adapters.has(p.id)]
+        prepared.missing = [p for p in prepared.lora_passages if not self.adapters.has(p.id)]
+        prepared.adapter = self.base_adapter  # the format adapter (lora.base), in every mode, or None
+        if ready:
+            t = time.perf_counter()
+            adapters = [self.adapters.get(p.id) for p in ready]
+            share = 1.0 if self.config.answer.merge == "sum" else 1 / len(adapters)
+            weights = [share * self.config.answer.lora_scale] * len(adapters)
+            if prepared.adapter is not None:  # the format adapter once, beside the documents' deltas
+                adapters, weights = [prepared.adapter, *adapters], [1.0, *weights]
+            prepared.adapter = lora.merge(adapters, weights)
+            prepared.timings["load_merge"] = time.perf_counter() - t
+        elif not prepared.lora_passages and self.config.answer.init_in_all_modes and self.initial_adapter is not None:
+            prepared.adapter = self.initial_adapter  # the warmed-up model as the baseline, without any document
+        return prepared
+
+    def generate(self, batch: list[Prepared]) -> list[Answer]:
+        """Generate for prepared requests in one batched pass, each row with its own merged adapter.
+
+        Rows may differ in mode, prompt length and adapter rank (zero-padded: exact); with greedy
+        decoding a row's answer is the one it gets alone. One request injects its adapter as is.
+        """
+        if not batch:
+            return []
+        if len(batch) == 1:
+            adapter = batch[0].adapter
+        else:
+            adapter = lora.stack_padded([p.adapter for p in batch])
+        if adapter is not None:
+            self.lora_model.inject(adapter, self.config.lora.scale)
+        t = time.perf_counter()
+        clock: dict = {}
+        try:
+            texts = self.llm.generate(
+                [p.prompt for p in batch], self.config.answer.max_new_tokens, stop=self.format.done, clock=clock
+            )
+        finally:
+            if adapter is not None:
+                self.lora_model.clear()
+        generation = time.perf_counter() - t
+        answers = []
+        for row, (prepared, text) in enumerate(zip(batch, texts, strict=True)):
+            timings = dict(prepared.timings, generation=generation)
+            timings["first_token"] = clock.get("first_token", generation)
+            answer = Answer(
+                prepared.question,
+                prepared.mode,
+                text.strip(),
+                self.format.extract(text),
+                prepared.passages,
+                timings,
+                prepared.lora_passages,
+            )
+            answer.new_tokens = int(clock["row_new_tokens"][row]) if "row_new_tokens" in clock else 0
+            answer.missing, answer.scores = prepared.missing, prepared.scores
+            answer.prompt_tokens = len(prepared.prompt)
+            answers.append(answer)
+        return answers
+
+
+def check_question(question: object, top_k: object = None, default_top_k: int = 3) -> int:
+    """Reject what would waste a generation or fail deep inside; returns the checked top-k.
+
+    The one place these limits live: the library, the CLI and the service all answer bad input
+    with these messages, each starting with the field it is about.
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question: must be a non-empty string")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(f"question: {len(question)} characters, at most {MAX_QUESTION_CHARS}")
+    k = default_top_k if top_k is None else top_k
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_TOP_K:
+        raise ValueError(f"top_k: {k!r} is out of range, expected an integer from 1 to {MAX_TOP_K}")
+    return k
