@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cpus-per-worker", type=int, default=None, help="CPUs and torch threads per Ray worker (default: shared out)"
     )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="documents augmented together, the unit of work of a Ray task (default: 4 x augment.batch_size; the "
+        "same shards give the same adapters in-process and on Ray)",
+    )
 
     p = commands.add_parser(
         "warmup",
@@ -162,10 +169,10 @@ def cmd_parameterize(pipeline: Pipeline, args) -> int:
         from .distributed import parameterize_on_ray
 
         built = parameterize_on_ray(
-            pipeline, passages, args.ray, args.workers, args.cpus_per_worker, show_progress=not args.quiet
+            pipeline, passages, args.ray, args.workers, args.cpus_per_worker, not args.quiet, args.shard_size
         )
     else:
-        built = pipeline.parameterize(passages, show_progress=not args.quiet)
+        built = pipeline.parameterize(passages, show_progress=not args.quiet, shard_size=args.shard_size)
     elapsed = time.perf_counter() - t
     print(
         f"{len(passages)} passages: {built} parameterized now ({elapsed:.1f}s), {len(passages) - built} already stored"

@@ -73,13 +73,15 @@ def parameterize_on_ray(
     workers: int | None = None,
     cpus_per_worker: int | None = None,
     show_progress: bool = True,
+    shard_size: int | None = None,
 ) -> int:
     """`Pipeline.parameterize` on a Ray cluster; returns how many documents were built.
 
     `address`: "auto" (the cluster started on this machine with `ray start`), "local" (a Ray instance
     started for this call), or a cluster's address (HOST:PORT or ray://HOST:PORT). Workers: one per GPU
     where the cluster has GPUs, else `workers` (default: one per node) with `cpus_per_worker` CPUs
-    (and torch threads) each (default: the cluster's CPUs shared out evenly).
+    (and torch threads) each (default: the cluster's CPUs shared out evenly). `shard_size`: documents per
+    task (default: the in-process chunk, 4 x augment.batch_size; smaller shards spread a small job wider).
     """
     try:
         import ray
@@ -88,7 +90,7 @@ def parameterize_on_ray(
     todo = pipeline.unstored(passages)
     if not todo:
         return 0
-    shards = pipeline.shards(todo)
+    shards = pipeline.shards(todo, shard_size)
     started_here = not ray.is_initialized()
     if started_here:
         try:

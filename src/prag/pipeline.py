@@ -103,7 +103,7 @@ class Pipeline:
         atomic_write_text(self.home / "config.json", json.dumps(self.config.to_dict(), indent=2))
         return len(passages)
 
-    def parameterize(self, passages: list[Passage], show_progress: bool = True) -> int:
+    def parameterize(self, passages: list[Passage], show_progress: bool = True, shard_size: int | None = None) -> int:
         """Augment and train every passage that has no stored adapter yet; returns how many were built.
 
         Each finished group of documents is stored at once, so an interrupted run resumes where it stopped.
@@ -114,7 +114,7 @@ class Pipeline:
             return 0
         bar = tqdm(total=len(todo), desc="parameterize", unit="doc", disable=not show_progress)
         compile_layers = should_compile(self.config.train, len(todo), self.llm.device)
-        for shard in self.shards(todo):
+        for shard in self.shards(todo, shard_size):
             for stored in self.build(shard, compile_layers, show_progress):
                 bar.update(len(stored))
         bar.close()
@@ -126,10 +126,11 @@ class Pipeline:
         todo = [unique[doc_id] for doc_id in self.adapters.missing(list(unique))]
         return sorted(todo, key=lambda p: len(p.contents))
 
-    def shards(self, todo: list[Passage]) -> list[list[Passage]]:
-        """Consecutive slices of `todo`, each augmented in one call: the documents generated together (which
-        decides the sampled text) are then the same in-process, on any Ray worker and in a retried shard."""
-        size = 4 * self.config.augment.batch_size
+    def shards(self, todo: list[Passage], size: int | None = None) -> list[list[Passage]]:
+        """Consecutive slices of `todo` (default: 4 x augment.batch_size documents), each augmented in one call:
+        the documents generated together (which decides the sampled text) are then the same in-process, on any
+        Ray worker and in a retried shard, for the same shard size."""
+        size = size or 4 * self.config.augment.batch_size
         return [todo[start : start + size] for start in range(0, len(todo), size)]
 
     def build(
