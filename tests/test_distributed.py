@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import free_port, wait_for_port
@@ -43,12 +44,47 @@ def start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
         )
 
 
+def node_processes(node: subprocess.Popen) -> list[psutil.Process]:
+    """The node's processes, its workers included (Ray puts those in process groups of their own)."""
+    try:
+        root = psutil.Process(node.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def kill_node(node: subprocess.Popen) -> None:
+    """As if its machine went away."""
+    for process in node_processes(node):
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
     try:
         os.killpg(node.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     node.wait()
+
+
+def freeze_a_busy_node(nodes: list[subprocess.Popen]) -> subprocess.Popen | None:
+    """A node whose worker is building a shard, stopped (SIGSTOP) so that it cannot finish it; or None."""
+    for node in nodes:
+        processes = node_processes(node)
+        for process in processes:
+            process.suspend()
+        if any(_title(process) == "ray::Worker.build" for process in processes):
+            return node
+        for process in processes:
+            process.resume()
+    return None
+
+
+def _title(process: psutil.Process) -> str:
+    try:
+        return process.cmdline()[0]
+    except (psutil.Error, IndexError):
+        return ""
 
 
 @pytest.fixture(scope="module")
@@ -194,16 +230,20 @@ def test_losing_a_worker_node_mid_run_loses_nothing_and_writes_nothing_twice(ray
     pipeline = Pipeline(home, setup["config"], store=store)
 
     run = subprocess.Popen(command, env=ray_cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + START_TIMEOUT
-    while pipeline.adapters.count() == 0 and run.poll() is None and time.monotonic() < deadline:
+    deadline, lost = time.monotonic() + START_TIMEOUT, None
+    while lost is None and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+        if pipeline.adapters.count() > 0:  # training has begun: kill a node in the middle of a shard
+            lost = freeze_a_busy_node(ray_cluster["workers"])
     stored_before_kill = pipeline.adapters.count()
-    kill_node(ray_cluster["workers"][0])
+    assert lost is not None, "no worker node was seen building a shard"
+    kill_node(lost)
     stdout, stderr = run.communicate(timeout=START_TIMEOUT)
-    assert run.returncode == 0, stderr
-    assert 0 < stored_before_kill < len(setup["passages"])
-    assert "a worker died" in stderr  # the lost worker's shard went back to the queue
-    assert f"{len(setup['passages'])} passages: {len(setup['passages'])} parameterized now" in stdout
+    output = f"stdout:\n{stdout}\nstderr:\n{stderr}"
+    assert run.returncode == 0, output
+    assert 0 < stored_before_kill < len(setup["passages"]), output
+    assert "a worker died" in stderr, output  # the lost worker's shard went back to the queue
+    assert f"{len(setup['passages'])} passages: {len(setup['passages'])} parameterized now" in stdout, output
 
     # nothing missing, each document's adapter once (and no temporary file that a dying writer could leave
     # looks like one), the same adapters as in-process
