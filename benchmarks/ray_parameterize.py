@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from prag import Config, Pipeline
-from prag.config import DEFAULT_MODEL
 from prag.corpus import read_corpus
 from prag.distributed import parameterize_on_ray
 from prag.llm import resolve_model_dir
@@ -50,14 +49,25 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which documents: a seeded sample of the corpus")
     parser.add_argument("--home", default="runs/ray-bench", help="workspace; its stores are emptied first")
     parser.add_argument("--out", default="runs/ray-bench/result.json")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
     args = parser.parse_args()
+
+    def config() -> Config:
+        config = Config()
+        for assignment in args.set:
+            key, _, value = assignment.partition("=")
+            config.set(key, value)
+        return config
 
     passages = random.Random(args.seed).sample(read_corpus(args.corpus), args.docs)
     doc_ids = [p.id for p in passages]
-    resolve_model_dir(DEFAULT_MODEL)  # the one-off dequantization of the bundled model, untimed
+    resolve_model_dir(config().model.name)  # the one-off dequantization of the bundled model, untimed
     home = Path(args.home)
     cpus = os.cpu_count() or 1
-    results: dict = {"docs": args.docs, "shard_size": args.shard_size, "cpus": cpus, "runs": {}}
+    # another heavy process on the same cores would distort every number: record the load around the runs
+    results: dict = {"docs": args.docs, "shard_size": args.shard_size, "cpus": cpus, "config": config().to_dict()}
+    results["load_before"] = os.getloadavg()
+    results["runs"] = {}
 
     def store(name: str) -> Path:
         path = home / name
@@ -68,7 +78,7 @@ def main() -> None:
         return path
 
     t = time.perf_counter()
-    reference = Pipeline(home, Config(), store=store("in-process"))
+    reference = Pipeline(home, config(), store=store("in-process"))
     reference.llm  # noqa: B018 (loads the model, timed with the run as in a worker)
     load_s = time.perf_counter() - t
     built = reference.parameterize(passages, shard_size=args.shard_size)
@@ -84,7 +94,7 @@ def main() -> None:
     results["ray_start_s"] = time.perf_counter() - t
     try:
         for workers in (1, 2):
-            pipeline = Pipeline(home, Config(), store=store(f"ray-{workers}"))
+            pipeline = Pipeline(home, config(), store=store(f"ray-{workers}"))
             t = time.perf_counter()
             built = parameterize_on_ray(
                 pipeline, passages, workers=workers, cpus_per_worker=cpus // workers, shard_size=args.shard_size
@@ -102,6 +112,7 @@ def main() -> None:
     finally:
         ray.shutdown()
 
+    results["load_after"] = os.getloadavg()
     for run in results["runs"].values():
         run["docs_per_min"] = 60 * args.docs / run["seconds"]
     inproc, one, two = (results["runs"][k] for k in ("in-process", "ray-1", "ray-2"))
@@ -118,11 +129,12 @@ def main() -> None:
 
     start = results["ray_start_s"]
     print(f"\n{args.docs} documents, shards of {args.shard_size}, {cpus} CPUs; Ray start {start:.1f} s")
-    print(f"{'run':28s} {'seconds':>8s} {'docs/min':>9s}")
+    print(f"load average (1, 5, 15 min) before {results['load_before']}, after {results['load_after']}")
+    print(f"{'run':34s} {'seconds':>8s} {'docs/min':>9s}")
     for name, label in (("in-process", "in-process"), ("ray-1", "Ray, 1 worker"), ("ray-2", "Ray, 2 workers")):
         run = results["runs"][name]
-        threads = run.get("threads_per_worker", run.get("threads"))
-        print(f"{label + f' ({threads} threads each)':28s} {run['seconds']:8.1f} {run['docs_per_min']:9.2f}")
+        threads = f"{run['threads_per_worker']} threads each" if name != "in-process" else f"{run['threads']} threads"
+        print(f"{label + f' ({threads})':34s} {run['seconds']:8.1f} {run['docs_per_min']:9.2f}")
     print(f"Ray overhead per document (1 worker vs in-process): {results['ray_overhead_s_per_doc']:+.2f} s")
     for name in ("ray-1", "ray-2"):
         run = results["runs"][name]
