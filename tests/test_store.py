@@ -1,6 +1,9 @@
-"""Adapters and augmentations are written atomically, found by id, and a rerun resumes."""
+"""Adapters and augmentations are written atomically and once, found by id, in a local directory or an
+S3-compatible object store, and a rerun resumes."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -42,14 +45,55 @@ def test_crash_during_write_leaves_nothing_half_written(tmp_path, monkeypatch):
     torch.testing.assert_close(adapters.get("kept")["gate_proj.A"].float(), torch.full((2, 2, 4), 1.0))
 
 
-def test_augmentation_round_trip(tmp_path):
-    augmentations = AugmentationStore(tmp_path)
+@pytest.fixture(params=["local", "s3"])
+def store_root(request, tmp_path):
+    """A store's root: a local directory, or a fresh bucket on a local S3-compatible server."""
+    return tmp_path / "store" if request.param == "local" else request.getfixturevalue("s3_bucket") + "/store"
+
+
+def test_augmentation_round_trip(store_root):
+    augmentations = AugmentationStore(store.join(store_root, "augment"))
     aug = Augmentation("d1", ["a rewrite"], [{"question": "Who?", "answer": "Ada"}], {"unparsable": 2})
-    augmentations.put(aug)
+    assert augmentations.put(aug) and augmentations.has("d1") and not augmentations.has("d2")
     assert augmentations.get("d1") == aug
+    assert not augmentations.put(Augmentation("d1", ["another"]))  # written once: the first one stays
+    assert list(augmentations) == [aug]
 
 
-def test_parameterize_resumes_and_skips_done_documents(tiny_llm, tmp_path, monkeypatch):
+def test_adapters_are_written_once_and_found_by_id(store_root):
+    adapters = AdapterStore(store.join(store_root, "adapters"))
+    assert adapters.put("doc/1", adapter(0.5)) and adapters.put("doc/2", adapter(1.5))
+    assert not adapters.put("doc/1", adapter(9.0))  # a retried task: the stored adapter is not replaced
+    torch.testing.assert_close(adapters.get("doc/1")["gate_proj.A"].float(), torch.full((2, 2, 4), 0.5))
+    assert adapters.count() == 2 and adapters.has("doc/2") and not adapters.has("doc/3")
+    assert adapters.missing(["doc/3", "doc/1", "doc/4"]) == ["doc/3", "doc/4"]
+    assert adapters.missing([f"doc/{i}" for i in range(300)]) == [f"doc/{i}" for i in range(300) if i not in (1, 2)]
+    with pytest.raises(KeyError, match="doc/3"):
+        adapters.get("doc/3")
+    assert adapters.put_meta({"lora": {"rank": 2}}) and not adapters.put_meta({"lora": {"rank": 8}})
+    assert adapters.meta == {"lora": {"rank": 2}}
+
+
+def test_concurrent_writers_of_one_adapter_write_it_once(tmp_path):
+    adapters = AdapterStore(tmp_path)
+    start, wins = threading.Barrier(8), []
+
+    def write(value: float) -> None:
+        start.wait()
+        if adapters.put("doc", adapter(value)):
+            wins.append(value)
+
+    threads = [threading.Thread(target=write, args=(float(i),)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1  # exactly one writer created the file, and its content is what is stored
+    torch.testing.assert_close(adapters.get("doc")["gate_proj.B"].float(), torch.full((2, 6, 2), wins[0]))
+    assert adapters.count() == 1 and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_parameterize_resumes_and_skips_done_documents(tiny_llm, store_root, tmp_path, monkeypatch):
     from prag import Config, Passage, Pipeline
 
     config = Config()
@@ -57,7 +101,7 @@ def test_parameterize_resumes_and_skips_done_documents(tiny_llm, tmp_path, monke
     config.augment.rewrite_max_tokens = 8
     config.augment.qa_tokens_per_pair = 8
     config.train.docs_per_batch = 2
-    pipeline = Pipeline(tmp_path, config, llm=tiny_llm)
+    pipeline = Pipeline(tmp_path / "home", config, llm=tiny_llm, store=store_root)
     passages = [Passage(f"p{i}", f"Title {i}", f"Some text about topic number {i}.") for i in range(3)]
     # A random model writes no valid QA pairs; give the passages augmentations directly.
     for p in passages:

@@ -21,6 +21,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("PRAG_HOME", ".prag"),
         help="workspace directory for the index, augmentations and adapters (default: $PRAG_HOME or ./.prag)",
     )
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("PRAG_STORE") or None,
+        help="where augmentations and adapters live: a directory (shared by a cluster's machines) or an fsspec URL "
+        "such as s3://bucket/prefix (default: $PRAG_STORE or the --home directory)",
+    )
     parser.add_argument("--config", help="JSON config file (sections: model, lora, train, augment, answer)")
     parser.add_argument(
         "--set",
@@ -61,9 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
         "parameterize", help="augment and train LoRAs ahead of time (default: every indexed passage)"
     )
     _common(p)
-    p.add_argument("--questions", help="only the passages retrieved for these questions (FlashRAG JSONL)")
-    p.add_argument("--limit", type=int, default=None)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--questions", help="only the passages retrieved for these questions (FlashRAG JSONL)")
+    which.add_argument("--ids", help="only these passages: a file of document ids, one per line")
+    p.add_argument("--limit", type=int, default=None, help="the first N questions, ids or indexed passages")
     p.add_argument("--top-k", type=int, default=None)
+    p.add_argument(
+        "--ray",
+        metavar="auto|local|ADDRESS",
+        help="run on a Ray cluster: auto (the cluster this machine belongs to), local (a Ray instance started "
+        "for this run) or the head's HOST:PORT; without it, in this process",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="Ray workers on CPUs (default: one per node; one per GPU on GPUs)"
+    )
+    p.add_argument(
+        "--cpus-per-worker", type=int, default=None, help="CPUs and torch threads per Ray worker (default: shared out)"
+    )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="documents augmented together, the unit of work of a Ray task (default: 4 x augment.batch_size; the "
+        "same shards give the same adapters in-process and on Ray)",
+    )
 
     p = commands.add_parser(
         "warmup",
@@ -154,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args)
-        pipeline = Pipeline(args.home, config)
+        pipeline = Pipeline(args.home, config, store=args.store)
         return COMMANDS[args.command](pipeline, args)
-    except (ValueError, FileNotFoundError, KeyError, ModuleNotFoundError) as error:
+    except (ValueError, FileNotFoundError, KeyError, ModuleNotFoundError, ConnectionError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"prag: error: {message}", file=sys.stderr)
         return 2
@@ -187,16 +214,40 @@ def cmd_parameterize(pipeline: Pipeline, args) -> int:
 
         questions = load_questions(args.questions, limit=args.limit)
         passages = list({p.id: p for q in questions for p in pipeline.retrieve(q.question, args.top_k)}.values())
+    elif args.ids:
+        passages = read_ids(pipeline, args.ids)[: args.limit]
     else:
         retriever = pipeline.retriever
         passages = list(retriever.passages)[: args.limit]
     t = time.perf_counter()
-    built = pipeline.parameterize(passages, show_progress=not args.quiet)
+    if args.ray:
+        from .distributed import parameterize_on_ray
+
+        built = parameterize_on_ray(
+            pipeline, passages, args.ray, args.workers, args.cpus_per_worker, not args.quiet, args.shard_size
+        )
+    else:
+        built = pipeline.parameterize(passages, show_progress=not args.quiet, shard_size=args.shard_size)
     elapsed = time.perf_counter() - t
     print(
         f"{len(passages)} passages: {built} parameterized now ({elapsed:.1f}s), {len(passages) - built} already stored"
     )
     return 0
+
+
+def read_ids(pipeline: Pipeline, path: str) -> list:
+    """The indexed passages named in `path`, one id per line (blank lines skipped)."""
+    passages = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            doc_id = line.strip()
+            if not doc_id:
+                continue
+            try:
+                passages.append(pipeline.retriever.passage(doc_id))
+            except KeyError:
+                raise ValueError(f"{path}:{line_number}: no passage with id {doc_id!r} in the index") from None
+    return passages
 
 
 def cmd_warmup(pipeline: Pipeline, args) -> int:
@@ -302,12 +353,11 @@ def cmd_stats(pipeline: Pipeline, args) -> int:
         stats["passages"] = len(pipeline.retriever)
     rejected: dict[str, int] = {}
     augmented = qa = rewrites = 0
-    for path in pipeline.augmentations.root.glob("*/*.json"):
-        data = json.loads(path.read_text())
+    for augmentation in pipeline.augmentations:
         augmented += 1
-        qa += len(data["qa"])
-        rewrites += len(data["rewrites"])
-        for reason, n in data.get("rejected", {}).items():
+        qa += len(augmentation.qa)
+        rewrites += len(augmentation.rewrites)
+        for reason, n in augmentation.rejected.items():
             rejected[reason] = rejected.get(reason, 0) + n
     stats.update(augmented=augmented, qa_pairs=qa, rewrites=rewrites, rejected=rejected)
     print(json.dumps(stats, indent=2))

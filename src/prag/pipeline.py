@@ -21,6 +21,7 @@ import hashlib
 import json
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from .llm import LLM
 from .parameterize import compiled_decoder, should_compile, train_adapters, training_sequences, warmup_sequences
 from .prompt import AnswerFormat
 from .retrieval import BM25Retriever, Retriever, load_retriever
-from .store import AdapterStore, AugmentationStore
+from .store import AdapterStore, AugmentationStore, join
 
 MODES = ("closed", "rag", "prag", "combine")
 CONTROLS = ("prag-unrelated", "combine-unrelated")
@@ -79,10 +80,17 @@ class Prepared:
 
 
 class Pipeline:
-    """A workspace (index, augmentations, adapters) plus the model, ready to answer questions."""
+    """A workspace (index, augmentations, adapters) plus the model, ready to answer questions.
 
-    def __init__(self, home: str | Path, config: Config | None = None, llm: LLM | None = None):
+    Augmentations and adapters live in `store` (default: `home`): a local or shared directory, or an
+    fsspec URL such as s3://bucket/prefix (see store.py), so that many machines can fill one store.
+    """
+
+    def __init__(
+        self, home: str | Path, config: Config | None = None, llm: LLM | None = None, store: str | Path | None = None
+    ):
         self.home = Path(home)
+        self.store = store or self.home
         self.config = (config or Config()).validate()
         self._llm = llm
         self._lora_model: lora.LoRAModel | None = None
@@ -90,7 +98,8 @@ class Pipeline:
         cfg = self.config
         self.format = AnswerFormat.from_config(cfg.answer)
         model_key = cfg.model.name.replace("/", "_").strip("_.") or "model"
-        self.augmentations = AugmentationStore(self.home / "augment" / f"{model_key}-{cfg.key('model', 'augment')}")
+        augment_key = f"{model_key}-{cfg.key('model', 'augment')}"
+        self.augmentations = AugmentationStore(join(self.store, "augment", augment_key))
         keyed = Config.from_dict(cfg.to_dict())
         if keyed.answer.style == "direct":  # few-shot examples only shape chain-of-thought training sequences
             keyed.answer.fewshot = ""
@@ -101,7 +110,7 @@ class Pipeline:
                 if not Path(path).is_file():
                     raise FileNotFoundError(f"lora.{kind}={path!r}: no such adapter file (`prag warmup` writes one)")
                 adapter_key += f"-{kind}" + hashlib.sha1(Path(path).read_bytes()).hexdigest()[:8]
-        self.adapters = AdapterStore(self.home / "adapters" / adapter_key, cfg.train.store_dtype)
+        self.adapters = AdapterStore(join(self.store, "adapters", adapter_key), cfg.train.store_dtype)
         self._initial: lora.Adapter | None = None
         self._base: lora.Adapter | None = None
         # offline work done by this pipeline, cumulative: seconds augmenting and training, documents built
@@ -143,49 +152,74 @@ class Pipeline:
         atomic_write_text(self.home / "config.json", json.dumps({"overrides": self.config.overrides()}, indent=2))
         return len(passages)
 
-    def parameterize(self, passages: list[Passage], show_progress: bool = True) -> int:
+    def parameterize(self, passages: list[Passage], show_progress: bool = True, shard_size: int | None = None) -> int:
         """Augment and train every passage that has no stored adapter yet; returns how many were built.
 
-        Each finished document is stored at once, so an interrupted run resumes where it stopped.
+        Each finished group of documents is stored at once, so an interrupted run resumes where it stopped.
+        `distributed.parameterize_on_ray` does the same on a Ray cluster, one shard per task.
         """
-        todo = list({p.id: p for p in passages if not self.adapters.has(p.id)}.values())
-        todo.sort(key=lambda p: len(p.contents))  # similar lengths train together: less padding
+        todo = self.unstored(passages)
         if not todo:
             return 0
-        cfg = self.config
-        self._meta_once()
-        t = time.perf_counter()
-        self.augment_missing(todo, show_progress)
-        self.offline_seconds["augment_s"] += time.perf_counter() - t
-        t = time.perf_counter()
         bar = tqdm(total=len(todo), desc="parameterize", unit="doc", disable=not show_progress)
-        compile_layers = should_compile(cfg.train, len(todo), self.llm.device)
-        with compiled_decoder(self.llm.model, compile_layers):
-            self._train_and_store(todo, bar)
+        compile_layers = should_compile(self.config.train, len(todo), self.llm.device)
+        for shard in self.shards(todo, shard_size):
+            for stored in self.build(shard, compile_layers, show_progress):
+                bar.update(len(stored))
         bar.close()
-        self.offline_seconds["train_s"] += time.perf_counter() - t
         return len(todo)
 
-    def _train_and_store(self, todo: list[Passage], bar: tqdm) -> None:
+    def unstored(self, passages: list[Passage]) -> list[Passage]:
+        """The passages without a stored adapter, each once, shortest first (similar lengths batch together)."""
+        unique = {p.id: p for p in passages}
+        todo = [unique[doc_id] for doc_id in self.adapters.missing(list(unique))]
+        return sorted(todo, key=lambda p: len(p.contents))
+
+    def shards(self, todo: list[Passage], size: int | None = None) -> list[list[Passage]]:
+        """Consecutive slices of `todo` (default: 4 x augment.batch_size documents), each augmented in one call:
+        the documents generated together (which decides the sampled text) are then the same in-process, on any
+        Ray worker and in a retried shard, for the same shard size."""
+        size = size or 4 * self.config.augment.batch_size
+        return [todo[start : start + size] for start in range(0, len(todo), size)]
+
+    def build(
+        self, shard: list[Passage], compile_layers: bool = False, show_progress: bool = False
+    ) -> Iterator[list[str]]:
+        """Augment and train one shard, storing each training group's adapters; yields each group's ids once stored.
+
+        Documents of the shard that are already stored are skipped, so a retried shard redoes only the rest.
+        """
         cfg = self.config
-        for start in range(0, len(todo), cfg.train.docs_per_batch):
-            group = todo[start : start + cfg.train.docs_per_batch]
-            sequences = [
-                training_sequences(self.llm, p, self.augmentations.get(p.id), cfg.train, self.format) for p in group
-            ]
-            adapters = train_adapters(
-                self.llm,
-                self.lora_model,
-                sequences,
-                cfg.lora,
-                cfg.train,
-                self.initial_adapter,
-                show_progress=False,
-                base=self.base_adapter,
-            )
-            for passage, adapter in zip(group, adapters, strict=True):
-                self.adapters.put(passage.id, adapter)
-            bar.update(len(group))
+        self._meta_once()
+        todo = self.unstored(shard)
+        if any(not self.augmentations.has(p.id) for p in todo):
+            # all of them in one call, even those an interrupted attempt stored: the same call as the first
+            # attempt's, so the text sampled for the others is the same too (stored ones are kept)
+            t = time.perf_counter()
+            for aug in augment(self.llm, todo, cfg.augment, show_progress):
+                self.augmentations.put(aug)
+            self.offline_seconds["augment_s"] += time.perf_counter() - t
+        with compiled_decoder(self.llm.model, compile_layers):
+            for start in range(0, len(todo), cfg.train.docs_per_batch):
+                t = time.perf_counter()
+                group = todo[start : start + cfg.train.docs_per_batch]
+                sequences = [
+                    training_sequences(self.llm, p, self.augmentations.get(p.id), cfg.train, self.format) for p in group
+                ]
+                adapters = train_adapters(
+                    self.llm,
+                    self.lora_model,
+                    sequences,
+                    cfg.lora,
+                    cfg.train,
+                    self.initial_adapter,
+                    show_progress=False,
+                    base=self.base_adapter,
+                )
+                for passage, adapter in zip(group, adapters, strict=True):
+                    self.adapters.put(passage.id, adapter)
+                self.offline_seconds["train_s"] += time.perf_counter() - t
+                yield [p.id for p in group]
 
     @property
     def initial_adapter(self) -> lora.Adapter | None:
@@ -247,11 +281,8 @@ class Pipeline:
                 self.augmentations.put(aug)
 
     def _meta_once(self) -> None:
-        meta = self.adapters.root / "meta.json"
-        if not meta.exists():
-            c = self.config.to_dict()
-            payload = {"model": c["model"], "lora": c["lora"], "train": c["train"], "augment": c["augment"]}
-            atomic_write_text(meta, json.dumps(payload, indent=2))
+        c = self.config.to_dict()
+        self.adapters.put_meta({"model": c["model"], "lora": c["lora"], "train": c["train"], "augment": c["augment"]})
 
     # -- online -----------------------------------------------------------------------------------
     def retrieve(self, question: str, top_k: int | None = None) -> list[Passage]:
