@@ -54,7 +54,13 @@ class LoRAModel:
         for layer in find_decoder_layers(model):
             mlp = layer.mlp
             for name in self.target_modules:
-                module = getattr(mlp, name)
+                module = getattr(mlp, name, None)
+                if not isinstance(module, (nn.Linear, LoRALinear)):
+                    linears = [n for n, m in mlp.named_children() if isinstance(m, (nn.Linear, LoRALinear))]
+                    raise ValueError(
+                        f"lora.target_modules: {type(model).__name__}'s FFN ({type(mlp).__name__}) has no linear "
+                        f"{name!r}; its linear projections are {linears}"
+                    )
                 if not isinstance(module, LoRALinear):
                     module = LoRALinear(module)
                     setattr(mlp, name, module)
@@ -92,7 +98,8 @@ class LoRAModel:
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a Llama/Qwen2/Mistral-style model (each has an `mlp`), as the model holds them."""
-    for candidate in (getattr(model, "model", None), model):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for candidate in (decoder, getattr(model, "model", None), model):
         layers = getattr(candidate, "layers", None)
         if layers is not None and all(hasattr(layer, "mlp") for layer in layers):
             return layers
