@@ -150,9 +150,9 @@ class LLM:
         """The tokens that end a reply: the model's end-of-sequence tokens (tokenizer and generation config)
         and its padding token, which no real text contains (a GGUF of Qwen2.5 marks only <|im_end|> as
         the end, its <|endoftext|> being the padding token; its HF generation config names both)."""
-        ids = {self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id, self.tokenizer.pad_token_id}
+        ids = [self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id, self.tokenizer.pad_token_id]
         flat = set()
-        for i in ids:
+        for i in ids:  # a generation config may name several
             flat.update(i if isinstance(i, list) else [i])
         return sorted(i for i in flat if i is not None)
 
