@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny random model of the default architecture, the real default model, and a local
-S3-compatible server."""
+"""Shared fixtures: tiny random models (the default architecture, and Qwen2), the real default model, and a
+local S3-compatible server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from prag.config import DEFAULT_MODEL, ModelConfig
 from prag.llm import LLM, resolve_model_dir
@@ -46,6 +46,28 @@ def tiny_llm(tokenizer) -> LLM:
     model = LlamaForCausalLM(config).eval()
     model.requires_grad_(False)
     return LLM(model, tokenizer, "tiny-llama")
+
+
+@pytest.fixture
+def tiny_qwen2(tokenizer) -> LLM:
+    """A randomly initialised Qwen2 (the architecture of the larger models): biases on the attention
+    projections, an output matrix of its own, and sizes unlike the Llama fixture's."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return LLM(model, tokenizer, "tiny-qwen2")
 
 
 @pytest.fixture(scope="session")

