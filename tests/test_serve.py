@@ -279,10 +279,10 @@ def test_sigkill_during_ingestion_loses_nothing(tmp_path, tiny_model_dir):
     server = Server(home).start()
     ids = []
     try:
-        for i in range(4):
+        for i in range(6):  # enough that the builder cannot have finished when the server is killed
             docs = [
                 {"title": f"Kill test {i}-{j}", "text": f"Fact number {i}-{j}: the quorvex of Tallin-{i}{j} is blue."}
-                for j in range(3)
+                for j in range(4)
             ]
             response = server.post("/v1/documents", {"documents": docs})
             assert response.status_code == 202
@@ -308,3 +308,16 @@ def test_sigkill_during_ingestion_loses_nothing(tmp_path, tiny_model_dir):
         assert answer.json()["passages"][0]["title"] == "Kill test 2-1"
     finally:
         restarted.stop()
+
+
+def test_a_killed_builder_is_replaced(demo_server):
+    """The builder process dies (out of memory, killed): the server starts another and builds on."""
+    builders = [p for p in demo_server.children() if b"resource_tracker" not in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert len(builders) == 1
+    os.kill(builders[0], signal.SIGKILL)
+    doc = {"title": "Builder restart", "text": "After the builder was killed, the snark of Pellow turned green."}
+    response = demo_server.post("/v1/documents", {"documents": [doc]})
+    assert response.status_code == 202
+    [doc_id] = response.json()["ids"]
+    assert wait_ready(demo_server, [doc_id])[doc_id]["status"] == "ready"
+    assert builders[0] not in demo_server.children()

@@ -106,7 +106,12 @@ class Batcher:
                 if not self._unsettled(job.prepared) or now - job.parked >= self.wait_documents_s:
                     self._parked.remove(job)
                     job.prepared.timings["wait_documents"] = now - job.parked
-                    self.pipeline.merge_adapters(job.prepared)
+                    try:
+                        self.pipeline.merge_adapters(job.prepared)
+                    except Exception as error:  # noqa: BLE001  (an unreadable adapter fails its question only)
+                        if job.future.set_running_or_notify_cancel():
+                            job.future.set_exception(error)
+                        continue
                     self._ready.append(job)
             while self._ready:
                 batch, self._ready = self._ready[: self.max_batch], self._ready[self.max_batch :]

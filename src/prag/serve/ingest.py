@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 import threading
 import time
 import traceback
@@ -154,14 +152,14 @@ def _passage_dict(p: Passage) -> dict:
     return {"id": p.id, "title": p.title, "text": p.text}
 
 
-def builder_main(home: str, overrides: dict, conn: Connection, threads: int, group_size: int) -> None:
+def builder_main(home: str, overrides: dict, conn: Connection, threads: int, group_size: int, parent: int) -> None:
     """The builder process: parameterize the passages it is sent (priority ones first), in small groups,
     reporting `building` / `ready` / `failed`; when idle, fold the logged documents into the main index.
 
     Messages in: {"build": [passage], "priority": bool}, {"index": [passage]}, {"stop": true}.
     Messages out: {"building": [id]}, {"ready": [id]}, {"failed": {id: error}}, {"indexed": [id]}.
     """
-    _die_with_parent()
+    _die_with_parent(parent)
     try:
         os.nice(10)  # the answering process comes first when both want a core
     except OSError:
@@ -237,19 +235,17 @@ def _build(pipeline, group: list[Passage], conn: Connection) -> None:
         _build(pipeline, [p], conn)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when the server dies (even by SIGKILL), so no orphan keeps building."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+def _die_with_parent(parent: int) -> None:
+    """Exit as soon as the server is gone (even killed with SIGKILL), so that no orphan keeps building
+    beside the builder of a restarted server. A watchdog thread, since the builder's own thread may be
+    deep in a training step."""
 
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
         os._exit(0)
+
+    threading.Thread(target=watch, name="prag-builder-watchdog", daemon=True).start()
 
 
 class Builder:
@@ -274,6 +270,7 @@ class Builder:
         self.built = 0
         self._lock = threading.Lock()
         self._stopping = False
+        self._restarts = 0
         self._process = None
         self._conn: Connection | None = None
 
@@ -284,7 +281,7 @@ class Builder:
         parent, child = context.Pipe()
         self._process = context.Process(
             target=builder_main,
-            args=(str(self.home), self.overrides, child, self.threads, self.group_size),
+            args=(str(self.home), self.overrides, child, self.threads, self.group_size, os.getpid()),
             name="prag-builder",
             daemon=True,
         )
@@ -346,14 +343,15 @@ class Builder:
                     self.status.pop(doc_id, None)
                 self.built += len(ready)
                 indexed = [i for i in message.get("indexed", []) if self.unindexed.pop(i, None) is not None]
-            if failed:
-                self.on_failed(failed)
-            if ready:
-                self.on_ready(ready)
-            if indexed:
-                self.on_indexed(indexed)
-        if not self._stopping:  # died (killed, out of memory): start another after a pause
-            time.sleep(1.0)
+            for callback, arg in ((self.on_failed, failed), (self.on_ready, ready), (self.on_indexed, indexed)):
+                if arg:
+                    try:
+                        callback(arg)
+                    except Exception:  # noqa: BLE001  (a failing report must not stop the reports after it)
+                        traceback.print_exc()
+        if not self._stopping:  # died (killed, out of memory): start another, after longer pauses if it keeps dying
+            self._restarts += 1
+            time.sleep(min(60.0, 2.0**self._restarts))
             if not self._stopping:
                 self.start()
 
