@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOME_DIR ?= .prag/demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean browser
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,18 @@ demo: $(BIN)/.installed
 	$(BIN)/prag eval --home $(HOME_DIR) --dataset data/demo/questions.jsonl --modes closed,rag,prag,combine \
 		--out runs/demo --show-answers
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed browser
 	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff format --check src tests scripts benchmarks
 	$(BIN)/pytest -q
+
+# The page's test drives Debian's chromium through Playwright, which is pointed at it and never downloads a
+# browser of its own. Installed here when missing (as root on a fresh Debian machine, as CI runs).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		echo "installing chromium for the page test"; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
 clean:
 	rm -rf $(VENV) .prag runs

@@ -147,3 +147,26 @@ def test_warmup_initializes_distilled_documents(default_llm, tmp_path):
         pipeline.lora_model.clear()
     assert not torch.allclose(base, warmed, atol=1e-3)
     assert pipeline.answer(question, "closed").short_answer
+
+
+def test_cli_rejects_bad_questions_before_any_work(tmp_path, capsys):
+    """The library's checks (the service answers the same input with a 422 naming the same field)."""
+    import time
+
+    from prag.cli import main
+
+    home = str(tmp_path / "home")
+    for argv, field in (
+        (["ask", ""], "question:"),
+        (["ask", "   "], "question:"),
+        (["ask", "x" * 2001], "question:"),
+        (["ask", "who", "--top-k", "-5"], "top_k:"),
+        (["ask", "who", "--top-k", "0"], "top_k:"),
+    ):
+        t = time.perf_counter()
+        assert main([*argv, "--home", home]) == 2
+        assert field in capsys.readouterr().err and time.perf_counter() - t < 5  # no model loaded, nothing generated
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"id": "a", "title": "", "text": "  "}\n')
+    assert main(["index", str(empty), "--home", home]) == 2
+    assert "empty.jsonl:1: passage 'a' is empty" in capsys.readouterr().err

@@ -78,3 +78,34 @@ def test_unknown_backend(tmp_path):
 def test_empty_corpus_rejected():
     with pytest.raises(ValueError, match="empty corpus"):
         BM25Retriever.build([], show_progress=False)
+
+
+def test_live_index_scores_added_passages_as_a_full_reindex_would():
+    """Passages added beside the main index are searchable at once, with the scores a full re-index
+    gives them; `replace_main` swaps in a rebuilt index and empties the delta."""
+    from prag.retrieval.live import LiveRetriever
+
+    corpus = read_corpus(DEMO / "corpus.jsonl")
+    full = BM25Retriever.build(corpus, show_progress=False)
+    live = LiveRetriever(BM25Retriever.build(corpus[:-3], show_progress=False))
+    assert isinstance(live, Retriever) and len(live) == len(corpus) - 3
+    live.add(corpus[-3:] + corpus[:2])  # passages the main index holds already are skipped
+    assert len(live) == len(corpus) and [p.id for p in live.added] == [p.id for p in corpus[-3:]]
+    for added in corpus[-3:]:
+        query = f"{added.title} {added.text[:60]}"
+        [top] = [h for h in live.search(query, 5) if h.passage.id == added.id]
+        [reference] = [h for h in full.search(query, 5) if h.passage.id == added.id]
+        assert top.score == pytest.approx(reference.score, rel=1e-5)
+        assert live.search(query, 1)[0].passage.id == full.search(query, 1)[0].passage.id
+    assert live.passage(corpus[-1].id) == corpus[-1] and corpus[-1].id in live
+
+    live.replace_main(full)
+    assert live.added == [] and len(live) == len(corpus)
+
+
+def test_an_interrupted_index_save_is_recovered(tmp_path):
+    """A crash between moving the old index aside and moving the new one in leaves only `.index.*.old`."""
+    BM25Retriever.build(PASSAGES, show_progress=False).save(tmp_path / "index")
+    (tmp_path / "index").rename(tmp_path / ".index.abc123.old")
+    assert load_retriever(tmp_path / "index").search("capital of Germany", 1)[0].passage.id == "berlin"
+    assert (tmp_path / "index" / "retriever.json").exists()

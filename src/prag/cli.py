@@ -137,6 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("stats", help="what the workspace holds, and augmentation rejection counts")
     _common(p)
+
+    p = commands.add_parser(
+        "serve",
+        help="serve the workspace over HTTP: batched answering, live document ingestion, a page",
+        description="An HTTP service over the workspace (see README: endpoints, curl and OpenAI-client examples).",
+    )
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PRAG_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every endpoint but /healthz and the page "
+        "(default: $PRAG_API_KEY; none: open)",
+    )
+    p.add_argument("--max-batch", type=int, default=16, help="questions per batched generation")
+    p.add_argument("--gather-ms", type=float, default=20.0, help="how long a lone question waits for company")
+    p.add_argument(
+        "--wait-documents",
+        type=float,
+        default=120.0,
+        help="seconds a question waits for its retrieved documents' adapters to be built, before it is "
+        "answered with the ready ones (the response lists the others)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads answering (default: every core)")
+    p.add_argument("--build-threads", type=int, default=1, help="torch threads of the background builder")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 
@@ -364,6 +391,27 @@ def cmd_stats(pipeline: Pipeline, args) -> int:
     return 0
 
 
+def cmd_serve(pipeline: Pipeline, args) -> int:
+    from .serve.app import run
+    from .serve.service import Service, Settings
+
+    for name in ("max_batch", "port"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    settings = Settings(
+        home=pipeline.home,
+        config=pipeline.config,
+        api_key=args.api_key or None,
+        max_batch=args.max_batch,
+        gather_ms=args.gather_ms,
+        wait_documents_s=args.wait_documents,
+        threads=args.threads,
+        build_threads=args.build_threads,
+    )
+    run(Service(settings, pipeline), args.host, args.port, args.log_level)
+    return 0
+
+
 COMMANDS = {
     "index": cmd_index,
     "ask": cmd_ask,
@@ -372,6 +420,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "export": cmd_export,
     "stats": cmd_stats,
+    "serve": cmd_serve,
 }
 
 if __name__ == "__main__":

@@ -205,6 +205,7 @@ class LLM:
         if sample:
             torch.manual_seed(seed)
         first_token = _FirstTokenClock() if clock is not None else None
+        rows = _RowStop(self.tokenizer, width, stop, self.eos_ids)
         output = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
@@ -218,17 +219,17 @@ class LLM:
             # a preallocated KV cache: the default one re-concatenates every layer's cache at every step,
             # which costs a third of CPU decoding time at batch 32
             cache_implementation="static",
-            stopping_criteria=StoppingCriteriaList([_TextStop(self.tokenizer, width, stop)]) if stop else None,
+            stopping_criteria=StoppingCriteriaList([rows]),
             streamer=first_token,
         )
         new = output[:, width:]
         if clock is not None:
             clock["first_token"] = first_token.seconds()
-            finished = torch.isin(new, torch.tensor(self.eos_ids + [self.pad_id], device=new.device))
-            # a row's length: up to and including its first end-of-sequence (or padding) token
-            lengths = torch.where(finished.any(1), finished.int().argmax(1) + 1, new.shape[1])
-            clock["new_tokens"] = int(lengths.max()) if len(lengths) else 0
-            clock["row_new_tokens"] = lengths.tolist()
+            # a row's length: up to its end-of-sequence token (included) or the token that completed its text;
+            # what follows in a batch is padding while longer rows go on
+            lengths = [rows.lengths.get(row, new.shape[1]) for row in range(len(prompts))]
+            clock["new_tokens"] = max(lengths, default=0)
+            clock["row_new_tokens"] = lengths
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
@@ -251,12 +252,22 @@ class _FirstTokenClock(BaseStreamer):
         return (self.first or time.perf_counter()) - self.start
 
 
-class _TextStop(StoppingCriteria):
-    """Per-row stop on a predicate of the text generated so far."""
+class _RowStop(StoppingCriteria):
+    """Per-row stop on an end-of-sequence token or on a predicate of the text generated so far; notes how
+    many tokens each row had when it stopped (in a batch, a stopped row is padded until the last one stops)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_width: int, stop: Callable[[str], bool]):
-        self.tokenizer, self.width, self.stop = tokenizer, prompt_width, stop
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, prompt_width: int, stop: Callable[[str], bool] | None, eos: list[int]
+    ):
+        self.tokenizer, self.width, self.stop, self.eos = tokenizer, prompt_width, stop, eos
+        self.lengths: dict[int, int] = {}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
-        return torch.tensor([self.stop(t) for t in texts], device=input_ids.device)
+        new = input_ids[:, self.width :]
+        done = torch.isin(new[:, -1], torch.tensor(self.eos, device=new.device))
+        if self.stop is not None:
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            done |= torch.tensor([self.stop(t) for t in texts], device=new.device)
+        for row in done.nonzero().flatten().tolist():
+            self.lengths.setdefault(row, new.shape[1])
+        return done

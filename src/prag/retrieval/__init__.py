@@ -38,11 +38,21 @@ def load_retriever(directory: str | Path) -> Retriever:
     directory = Path(directory)
     config_path = directory / "retriever.json"
     if not config_path.is_file():
+        _recover_interrupted_save(directory)
+    if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: {directory} is not a saved retriever index")
     backend = json.loads(config_path.read_text(encoding="utf-8")).get("backend")
     if backend == "bm25":
         return BM25Retriever.load(directory)
     raise ValueError(f"{config_path}: unknown retriever backend {backend!r} (known: 'bm25')")
+
+
+def _recover_interrupted_save(directory: Path) -> None:
+    """A save moves the old index aside, then the new one in: a crash between the two renames leaves
+    only the old one, under `.NAME.*.old`; put it back (the new one is rebuilt by whoever wrote it)."""
+    for old in sorted(directory.parent.glob(f".{directory.name}.*.old")):
+        if (old / "retriever.json").is_file() and not directory.exists():
+            old.rename(directory)
 
 
 from prag.retrieval.bm25 import BM25Retriever  # noqa: E402  (bm25 imports Hit from this module)

@@ -26,6 +26,7 @@ class BM25Retriever:
         self.passages = passages
         self.by_id = {p.id: p for p in passages}
         self.stemmer = Stemmer.Stemmer(_STEMMER)
+        self._avg_doc_len: float | None = None  # recorded at build; what scoring added passages needs
 
     @classmethod
     def build(cls, passages: list[Passage], show_progress: bool = True) -> BM25Retriever:
@@ -41,7 +42,9 @@ class BM25Retriever:
             raise ValueError("the corpus has no indexable words (only stopwords, numbers or punctuation)")
         index = bm25s.BM25()
         index.index(tokens, show_progress=show_progress)
-        return cls(index, list(passages))
+        retriever = cls(index, list(passages))
+        retriever._avg_doc_len = sum(map(len, tokens.ids)) / len(passages)
+        return retriever
 
     def save(self, directory: Path) -> None:
         """Write into a temporary sibling, then swap it in, so a crash never leaves a half-written index."""
@@ -54,7 +57,13 @@ class BM25Retriever:
                 for p in self.passages:
                     row = {"id": p.id, "title": p.title, "text": p.text}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            config = {"backend": "bm25", "stopwords": _STOPWORDS, "stemmer": _STEMMER, "passages": len(self)}
+            config = {
+                "backend": "bm25",
+                "stopwords": _STOPWORDS,
+                "stemmer": _STEMMER,
+                "passages": len(self),
+                "avg_doc_len": self.avg_doc_len,
+            }
             (tmp / "retriever.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             old = directory.with_name(tmp.name + ".old")
             if directory.exists():
@@ -69,7 +78,28 @@ class BM25Retriever:
         """Open a saved index; `mmap` keeps the score matrix on disk until pages are touched."""
         directory = Path(directory)
         index = bm25s.BM25.load(directory, mmap=mmap, show_progress=False)
-        return cls(index, read_corpus(directory / "passages.jsonl"))
+        retriever = cls(index, read_corpus(directory / "passages.jsonl"))
+        retriever._avg_doc_len = json.loads((directory / "retriever.json").read_text()).get("avg_doc_len")
+        return retriever
+
+    # -- what scoring passages outside the index with this index's statistics needs (retrieval/live.py) --
+    def tokenize(self, texts: list[str]) -> list[list[str]]:
+        """Stemmed terms without stopwords, as the index holds them."""
+        return bm25s.tokenize(texts, stopwords=_STOPWORDS, stemmer=self.stemmer, return_ids=False, show_progress=False)
+
+    @property
+    def avg_doc_len(self) -> float:
+        if self._avg_doc_len is None:  # an index saved before this was recorded
+            self._avg_doc_len = sum(map(len, self.tokenize([p.contents for p in self.passages]))) / len(self)
+        return self._avg_doc_len
+
+    def doc_freq(self, term: str) -> int:
+        """How many indexed passages contain `term` (its column's entries in the score matrix)."""
+        column = self.index.vocab_dict.get(term)
+        if column is None:
+            return 0
+        indptr = self.index.scores["indptr"]
+        return int(indptr[column + 1] - indptr[column])
 
     def search(self, query: str, k: int) -> list[Hit]:
         return self.search_batch([query], k)[0]
