@@ -30,9 +30,8 @@ def tokenizer(default_model_dir):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-@pytest.fixture
-def tiny_llm(tokenizer) -> LLM:
-    """A randomly initialised Llama (the default model's architecture) small enough to train in a test."""
+def tiny_llama(tokenizer, max_position_embeddings: int = 512) -> LlamaForCausalLM:
+    """A randomly initialised Llama (the default model's architecture) small enough to train in a test; seeded."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -41,12 +40,18 @@ def tiny_llm(tokenizer) -> LLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture
+def tiny_llm(tokenizer) -> LLM:
+    """The tiny Llama, loaded for generation and training in this process."""
+    model = tiny_llama(tokenizer).eval()
     model.requires_grad_(False)
     return LLM(model, tokenizer, "tiny-llama")
 
@@ -92,21 +97,8 @@ FAST_BUILD = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """The tiny random Llama saved as a local Hugging Face model directory, for a server process to load."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
     path = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(tokenizer, max_position_embeddings=2048).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import free_port, wait_for_port
+from conftest import free_port, tiny_llama, wait_for_port
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from prag import Config, Pipeline
 from prag.corpus import read_corpus
@@ -150,21 +149,7 @@ def setup(tokenizer, tmp_path_factory):
     """A tiny random model of the default architecture saved as a model directory (every worker loads it from
     there), a config that makes its augmentation cheap but real, and the in-process adapters to compare with."""
     root = tmp_path_factory.mktemp("distributed")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
+    model = tiny_llama(tokenizer)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     config = Config()

@@ -275,9 +275,8 @@ class Pipeline:
     def augment_missing(self, passages: list[Passage], show_progress: bool = True) -> None:
         """Generate and store augmentations for the passages that have none, in chunks (so a crash keeps most)."""
         fresh = [p for p in passages if not self.augmentations.has(p.id)]
-        chunk = 4 * self.config.augment.batch_size
-        for start in range(0, len(fresh), chunk):
-            for aug in augment(self.llm, fresh[start : start + chunk], self.config.augment, show_progress):
+        for shard in self.shards(fresh):
+            for aug in augment(self.llm, shard, self.config.augment, show_progress):
                 self.augmentations.put(aug)
 
     def _meta_once(self) -> None:

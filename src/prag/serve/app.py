@@ -58,6 +58,12 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
+def _check_top_k(top_k: int | None) -> int | None:
+    if top_k is not None:
+        check_question("?", top_k)  # the library's own bounds on top_k
+    return top_k
+
+
 class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     question: StrictStr = Field(description="the question (at most 2000 characters)")
@@ -73,9 +79,7 @@ class AnswerRequest(BaseModel):
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, top_k: int | None) -> int | None:
-        if top_k is not None:
-            check_question("?", top_k)
-        return top_k
+        return _check_top_k(top_k)
 
     @field_validator("mode")
     @classmethod
@@ -149,9 +153,7 @@ class ChatRequest(BaseModel):
     @field_validator("top_k")
     @classmethod
     def _top_k(cls, top_k: int | None) -> int | None:
-        if top_k is not None:
-            check_question("?", top_k)
-        return top_k
+        return _check_top_k(top_k)
 
     def question(self) -> str:
         for i in range(len(self.messages) - 1, -1, -1):
