@@ -8,27 +8,37 @@ under a second afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    StaticCache,
     StoppingCriteria,
     StoppingCriteriaList,
 )
 
+from . import machine
 from .config import DEFAULT_MODEL, ModelConfig
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A batch whose prompts share at least this many leading tokens computes them once (see `LLM.generate`).
+MIN_SHARED_PREFIX = 16
 
 
 def cache_dir() -> Path:
@@ -73,22 +83,40 @@ def resolve_model_dir(name: str) -> Path:
     return target
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
+    """The device, and the dtype the weights load in: `model.dtype` if forced, bf16 on a GPU that has
+    it, else fp32 (on a CPU, each phase's dtype is then measured: `machine.py`)."""
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if config.dtype != "auto":
         return torch.device(device), getattr(torch, config.dtype)
-    fast_bf16 = torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_bf16()
+    fast_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     return torch.device(device), torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def speed_file(model_dir: Path, threads: int) -> Path:
+    """Where this machine's dtype measurement for a model is cached: beside the model when it is one of
+    ours (in the cache), else in the cache under a name derived from its path."""
+    name = f"speed-{machine.machine_key(threads)}.json"
+    model_dir = model_dir.resolve()
+    if model_dir.is_relative_to(cache_dir().resolve()):
+        return model_dir / name
+    return cache_dir() / "speed" / f"{hashlib.sha256(str(model_dir).encode()).hexdigest()[:12]}-{name}"
+
+
+def _in_phase(phase: str):
+    """Run an LLM method with the model's weights in `phase`'s dtype (`LLM.phase`)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self: LLM, *args, **kwargs):
+            with self.phase(phase):
+                return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 @dataclass
@@ -96,6 +124,10 @@ class LLM:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
+    # dtype per phase ("generate", "train") where it is not the model's own; see `phase`
+    phase_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    threads: int = 0  # intra-op threads per phase; 0: chosen when the phase starts (machine.choose_threads)
+    _weights: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, config: ModelConfig) -> LLM:
@@ -104,7 +136,46 @@ class LLM:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         model.requires_grad_(False)
-        return cls(model, tokenizer, config.name)
+        llm = cls(model, tokenizer, config.name, threads=config.threads)
+        if config.dtype == "auto" and device.type == "cpu":
+            threads = machine.forced_threads(config.threads) or 0
+            chosen = machine.measured_dtypes(model, speed_file(path, threads), threads)["dtypes"]
+            llm.set_phase_dtypes({phase: getattr(torch, name) for phase, name in chosen.items()})
+        return llm
+
+    def set_phase_dtypes(self, dtypes: dict[str, torch.dtype]) -> None:
+        """Use these dtypes per phase. One dtype for all phases converts the model once; otherwise the
+        weights as loaded are kept, and each other dtype gets its own copy, made on first use."""
+        if len(set(dtypes.values())) == 1:
+            self.model.to(next(iter(dtypes.values())))
+            self.phase_dtypes = {}
+        else:
+            self.phase_dtypes = dict(dtypes)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Run the block (a generation call, a training run) with the threads chosen as it starts and
+        the weights in the dtype chosen for phase `name` (as loaded if none was)."""
+        dtype, previous = self.phase_dtypes.get(name), self.model.dtype
+        switch = dtype is not None and dtype != previous
+        with machine.torch_threads(machine.choose_threads(self.threads)):
+            if switch:
+                self._weights_as(dtype)
+            try:
+                yield
+            finally:
+                if switch:
+                    self._weights_as(previous)
+
+    def _weights_as(self, dtype: torch.dtype) -> None:
+        params = dict(self.model.named_parameters())
+        if not self._weights:  # the weights as loaded: every other dtype is converted from them
+            self._weights[self.model.dtype] = {n: p.data for n, p in params.items()}
+        if dtype not in self._weights:
+            loaded = next(iter(self._weights.values()))
+            self._weights[dtype] = {n: t.to(dtype) for n, t in loaded.items()}
+        for n, p in params.items():
+            p.data = self._weights[dtype][n]
 
     @property
     def device(self) -> torch.device:
@@ -137,6 +208,7 @@ class LLM:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ids + (self.tokenizer.encode(assistant_prefix, add_special_tokens=False) if assistant_prefix else [])
 
+    @_in_phase("generate")
     @torch.no_grad()
     def generate(
         self,
@@ -147,35 +219,91 @@ class LLM:
         top_k: int = 50,
         seed: int = 0,
         stop: Callable[[str], bool] | None = None,
+        share_prefix: bool = True,
     ) -> list[str]:
-        """Generate for a batch of token-id prompts at once (left-padded); returns the new text.
+        """Generate for a batch of token-id prompts at once (padded); returns the new text.
 
         `stop(text_so_far)` ends a row early, so one long row does not keep the batch decoding.
+        Sampling draws among the `top_k` most likely tokens only (`TopKSampler`). The leading tokens
+        that all prompts share (chat header, instruction, worked example) are computed once, at batch
+        size 1, and their keys and values copied to every row (`share_prefix`): each row is laid out
+        as shared prefix, then padding, then the rest of its prompt, so the prefix stays at the same
+        cache positions in every row and the attention mask skips the padding.
         """
-        width = max(len(p) for p in prompts)
+        prefix = shared_prefix(prompts) if share_prefix and len(prompts) > 1 else []
+        if len(prefix) < MIN_SHARED_PREFIX:
+            prefix = []
+        rests = [p[len(prefix) :] for p in prompts]
+        width = len(prefix) + max(len(r) for r in rests)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            attention[row, width - len(prompt) :] = 1
-        if sample:
-            torch.manual_seed(seed)
+        input_ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+        attention[:, : len(prefix)] = 1
+        for row, rest in enumerate(rests):
+            input_ids[row, width - len(rest) :] = torch.tensor(rest)
+            attention[row, width - len(rest) :] = 1
+        # a preallocated KV cache: the default one re-concatenates every layer's cache at every step,
+        # which costs a third of CPU decoding time at batch 32
+        cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
+        if prefix:
+            self._fill_prefix(cache, prefix, len(prompts))
         output = self.model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention.to(self.device),
+            cache=cache,
             max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_k=top_k if sample else None,
+            # the sampler picks the token and hands greedy decoding a one-hot score row
+            do_sample=False,
+            logits_processor=LogitsProcessorList([TopKSampler(top_k, temperature, seed)]) if sample else None,
+            temperature=None,
+            top_k=None,
             top_p=None,
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
-            # a preallocated KV cache: the default one re-concatenates every layer's cache at every step,
-            # which costs a third of CPU decoding time at batch 32
-            cache_implementation="static",
             stopping_criteria=StoppingCriteriaList([_TextStop(self.tokenizer, width, stop)]) if stop else None,
         )
         return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+
+    def _fill_prefix(self, cache: StaticCache, prefix: list[int], batch_size: int) -> None:
+        """Run the shared prefix once and write its keys and values into every row of `cache`."""
+        once = DynamicCache(config=self.model.config)
+        self.model.model(input_ids=torch.tensor([prefix], device=self.device), cache=once, use_cache=True)
+        for layer_idx, layer in enumerate(once.layers):
+            keys, values = (t.expand(batch_size, -1, -1, -1) for t in (layer.keys, layer.values))
+            cache.update(keys, values, layer_idx)
+
+
+def shared_prefix(prompts: list[list[int]]) -> list[int]:
+    """The leading tokens common to all prompts, leaving every prompt at least one token of its own
+    (generation needs a last token per row to start from)."""
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return first[:n]
+
+
+class TopKSampler(LogitsProcessor):
+    """Draw the next token among the `k` highest-scoring ones, at a temperature; the draw is handed
+    back as scores where only the drawn token is finite, so greedy decoding selects it.
+
+    Hugging Face's sampling draws one exponential per vocabulary entry at every step even with top-k
+    (its warper only masks the rest); here the draw is over k entries. Same distribution, and its own
+    seeded generator, so a seed gives the same tokens whatever else used the global random state.
+    """
+
+    def __init__(self, k: int, temperature: float, seed: int):
+        self.k, self.temperature, self.seed = k, temperature, seed
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        top_scores, top_ids = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
+        probs = torch.softmax(top_scores.float() / self.temperature, dim=-1)
+        drawn = top_ids.gather(-1, torch.multinomial(probs, 1, generator=self.generator))
+        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
 
 
 class _TextStop(StoppingCriteria):
