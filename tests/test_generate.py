@@ -1,4 +1,4 @@
-"""Generation internals: the top-k sampler and the shared prompt prefix computed once."""
+"""Generation internals: the decoding loop, the top-k sampler and the shared prompt prefix computed once."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ def test_top_k_sampler_draws_only_among_the_top_k():
     top = scores.topk(5, dim=-1).indices
     drawn = [set() for _ in range(3)]
     for _ in range(300):
-        out = sampler(None, scores)
-        assert (out.isfinite().sum(-1) == 1).all()  # greedy decoding then picks exactly the drawn token
-        for row, token in enumerate(out.argmax(-1).tolist()):
+        for row, token in enumerate(sampler(scores).tolist()):
             drawn[row].add(token)
     for row in range(3):
         assert drawn[row] <= set(top[row].tolist())
@@ -55,3 +53,32 @@ def test_prefix_cache_gives_the_same_tokens_as_no_cache(default_llm):
     cached = llm.generate(prompts, 24)
     assert cached == llm.generate(prompts, 24, share_prefix=False)
     assert cached == [llm.generate([p], 24)[0] for p in prompts]
+
+
+def test_decoding_loop_matches_hugging_face_greedy_generate(default_llm):
+    """Rows that finish early leave the batch, and the chat header all prompts share is computed
+    once; no token may change: the loop's greedy output equals transformers' `generate` on each
+    prompt alone."""
+    llm = default_llm
+    questions = ["What is the capital of France? One word.", "Tell a long story about a dragon.", "Say hi."]
+    prompts = [llm.chat(q) for q in questions]
+    ours = llm.generate(prompts, 40)
+    expected = []
+    for prompt in prompts:
+        out = llm.model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=llm.eos_ids
+        )
+        expected.append(out[0, len(prompt) :].tolist())
+    assert ours == [llm.tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+    lengths = [len(e) for e in expected]
+    assert min(lengths) < 40 == max(lengths)  # some rows finished (and left the batch) before others
+
+
+def test_stop_ends_a_row_and_the_others_go_on(tiny_llm):
+    prompts = [[5, 17, 300, 42, 9], [7, 8], [1000, 2000, 3000, 11]]
+    full = tiny_llm.generate(prompts, 10)
+    stopped = tiny_llm.generate(prompts, 10, stop=lambda text: len(text) >= 3)
+    for whole, short in zip(full, stopped, strict=True):
+        assert whole.startswith(short)  # the same tokens, up to where the row stopped
+        assert len(short) >= 3 or short == whole  # ...which is not before its text had 3 characters
+    assert any(len(short) < len(whole) for whole, short in zip(full, stopped, strict=True))

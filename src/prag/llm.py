@@ -20,18 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DynamicCache,
-    LogitsProcessor,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StaticCache,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicLayer
 
 from . import machine
 from .config import DEFAULT_MODEL, ModelConfig
@@ -221,14 +211,15 @@ class LLM:
         stop: Callable[[str], bool] | None = None,
         share_prefix: bool = True,
     ) -> list[str]:
-        """Generate for a batch of token-id prompts at once (padded); returns the new text.
+        """Generate for a batch of token-id prompts at once; returns the new text of each.
 
-        `stop(text_so_far)` ends a row early, so one long row does not keep the batch decoding.
-        Sampling draws among the `top_k` most likely tokens only (`TopKSampler`). The leading tokens
-        that all prompts share (chat header, instruction, worked example) are computed once, at batch
-        size 1, and their keys and values copied to every row (`share_prefix`): each row is laid out
-        as shared prefix, then padding, then the rest of its prompt, so the prefix stays at the same
-        cache positions in every row and the attention mask skips the padding.
+        A row ends at an end-of-sequence token or once `stop(text_so_far)` holds, and finished rows
+        leave the batch, so one long row does not keep the others decoding. Sampling draws among the
+        `top_k` most likely tokens only (`TopKSampler`); otherwise decoding is greedy. The leading
+        tokens that all prompts share (chat header, instruction, worked example) are computed once, at
+        batch size 1, and their keys and values copied to every row (`share_prefix`): each row is laid
+        out as shared prefix, then padding, then the rest of its prompt, so the prefix has the same
+        cache positions in every row, and the attention mask skips the padding.
         """
         prefix = shared_prefix(prompts) if share_prefix and len(prompts) > 1 else []
         if len(prefix) < MIN_SHARED_PREFIX:
@@ -242,35 +233,117 @@ class LLM:
         for row, rest in enumerate(rests):
             input_ids[row, width - len(rest) :] = torch.tensor(rest)
             attention[row, width - len(rest) :] = 1
-        # a preallocated KV cache: the default one re-concatenates every layer's cache at every step,
-        # which costs a third of CPU decoding time at batch 32
-        cache = StaticCache(config=self.model.config, max_cache_len=width + max_new_tokens)
-        if prefix:
-            self._fill_prefix(cache, prefix, len(prompts))
-        output = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
-            cache=cache,
-            max_new_tokens=max_new_tokens,
-            # the sampler picks the token and hands greedy decoding a one-hot score row
-            do_sample=False,
-            logits_processor=LogitsProcessorList([TopKSampler(top_k, temperature, seed)]) if sample else None,
-            temperature=None,
-            top_k=None,
-            top_p=None,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            stopping_criteria=StoppingCriteriaList([_TextStop(self.tokenizer, width, stop)]) if stop else None,
+        pick = TopKSampler(top_k, temperature, seed) if sample else _greedy
+        tokens = self._decode(
+            input_ids.to(self.device), attention.to(self.device), len(prefix), max_new_tokens, pick, stop
         )
-        return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
-    def _fill_prefix(self, cache: StaticCache, prefix: list[int], batch_size: int) -> None:
-        """Run the shared prefix once and write its keys and values into every row of `cache`."""
+    def _decode(self, input_ids, attention, prefix_len, max_new_tokens, pick, stop) -> list[list[int]]:
+        """The decoding loop: the prompts (after the shared prefix) in one forward pass, then one token
+        per step for the rows still going. Finished rows are dropped from the batch and the cache once
+        a quarter of the rows are done (dropping copies the cache, so not at every finished row)."""
+        batch, width = input_ids.shape
+        cache = _generation_cache(self.model.config, capacity=width + max_new_tokens)
+        if prefix_len:
+            self._fill_prefix(cache, input_ids[:1, :prefix_len], batch)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=input_ids[:, prefix_len:],
+            attention_mask=attention,
+            position_ids=positions[:, prefix_len:],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        next_position = positions[:, -1:] + 1
+        eos = torch.tensor(self.eos_ids, device=input_ids.device)
+        rows = list(range(batch))  # the prompt each row of the running batch belongs to
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        for step in range(max_new_tokens):
+            token = pick(logits.float())
+            for i, t in enumerate(token.tolist()):
+                if not finished[i]:
+                    generated[rows[i]].append(t)
+            finished |= torch.isin(token, eos)
+            if stop is not None:
+                going = (~finished).nonzero()[:, 0].tolist()
+                texts = self.tokenizer.batch_decode([generated[rows[i]] for i in going], skip_special_tokens=True)
+                for i, text in zip(going, texts, strict=True):
+                    finished[i] = stop(text)
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            if finished.sum() >= max(1, len(rows) // 4):
+                keep = (~finished).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                rows = [rows[i] for i in keep.tolist()]
+                token, attention, next_position = token[keep], attention[keep], next_position[keep]
+                finished = finished[keep]
+            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+            logits = self.model(
+                input_ids=token[:, None],
+                attention_mask=attention,
+                position_ids=next_position,
+                cache=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            next_position = next_position + 1
+        return generated
+
+    def _fill_prefix(self, cache: Cache, prefix: torch.Tensor, batch_size: int) -> None:
+        """Run the shared prefix (1, length) once and write its keys and values into every row of `cache`."""
         once = DynamicCache(config=self.model.config)
-        self.model.model(input_ids=torch.tensor([prefix], device=self.device), cache=once, use_cache=True)
+        self.model.model(input_ids=prefix, cache=once, use_cache=True)
         for layer_idx, layer in enumerate(once.layers):
             keys, values = (t.expand(batch_size, -1, -1, -1) for t in (layer.keys, layer.values))
             cache.update(keys, values, layer_idx)
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+class _BufferedLayer(DynamicLayer):
+    """One layer's keys and values in buffers allocated once per generation call: each step writes in
+    place (the default cache re-concatenates every layer's cache at every step, which costs a third of
+    CPU decoding time at batch 32) and attention reads the filled part only (a static cache reads its
+    whole length at every step)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            shape = (*key_states.shape[:2], self.capacity)
+            self.key_buffer = key_states.new_empty(*shape, key_states.shape[-1])
+            self.value_buffer = value_states.new_empty(*shape, value_states.shape[-1])
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep these rows: new buffers, with only the filled part copied."""
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(len(indices), *old.shape[1:])
+            new[:, :, : self.length] = old[indices, :, : self.length]
+            setattr(self, name, new)
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def _generation_cache(config, capacity: int) -> Cache:
+    """A `_BufferedLayer` cache for full-attention models; Hugging Face's dynamic cache (which handles
+    sliding windows) for the others."""
+    types = getattr(config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"]
+    if any(t != "full_attention" for t in types):
+        return DynamicCache(config=config)
+    return Cache(layers=[_BufferedLayer(capacity) for _ in range(config.num_hidden_layers)])
 
 
 def shared_prefix(prompts: list[list[int]]) -> list[int]:
@@ -284,34 +357,23 @@ def shared_prefix(prompts: list[list[int]]) -> list[int]:
     return first[:n]
 
 
-class TopKSampler(LogitsProcessor):
-    """Draw the next token among the `k` highest-scoring ones, at a temperature; the draw is handed
-    back as scores where only the drawn token is finite, so greedy decoding selects it.
+class TopKSampler:
+    """Draw the next token among the `k` highest-scoring ones, at a temperature.
 
     Hugging Face's sampling draws one exponential per vocabulary entry at every step even with top-k
-    (its warper only masks the rest); here the draw is over k entries. Same distribution, and its own
-    seeded generator, so a seed gives the same tokens whatever else used the global random state.
+    (its warper only masks the rest, about 11% of decoding time here); this draws over k entries.
+    Same distribution, and its own seeded generator, so a seed gives the same tokens whatever else
+    used the global random state.
     """
 
     def __init__(self, k: int, temperature: float, seed: int):
         self.k, self.temperature, self.seed = k, temperature, seed
         self.generator: torch.Generator | None = None
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """(rows, vocabulary) scores -> (rows,) drawn token ids."""
         if self.generator is None:
             self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
         top_scores, top_ids = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
         probs = torch.softmax(top_scores.float() / self.temperature, dim=-1)
-        drawn = top_ids.gather(-1, torch.multinomial(probs, 1, generator=self.generator))
-        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
-
-
-class _TextStop(StoppingCriteria):
-    """Per-row stop on a predicate of the text generated so far."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_width: int, stop: Callable[[str], bool]):
-        self.tokenizer, self.width, self.stop = tokenizer, prompt_width, stop
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
-        return torch.tensor([self.stop(t) for t in texts], device=input_ids.device)
+        return top_ids.gather(-1, torch.multinomial(probs, 1, generator=self.generator))[:, 0]

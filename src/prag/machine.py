@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, StaticCache
+from transformers import DynamicCache, PreTrainedModel
 
 from .atomic import atomic_write_text
 
@@ -229,10 +229,10 @@ def _seconds(fn: Callable[[], None]) -> float:
 
 @torch.no_grad()
 def _generation_step(model: PreTrainedModel, batch: int = 4, prompt: int = 32, new_tokens: int = 8) -> None:
-    """A prefill and a few single-token decoding steps through a static cache, as generation does."""
+    """A prefill and a few single-token decoding steps through a KV cache, as generation does."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(model.device)
-    cache = StaticCache(config=model.config, max_cache_len=prompt + new_tokens)
+    cache = DynamicCache(config=model.config)
     logits = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
     for _ in range(new_tokens):
         logits = model(input_ids=logits[:, -1:].argmax(-1), cache=cache, use_cache=True).logits
