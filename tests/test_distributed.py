@@ -22,7 +22,7 @@ from conftest import free_port, wait_for_port
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prag import Config, Pipeline
+from prag import Config, Pipeline, machine
 from prag.corpus import read_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,12 +182,8 @@ def setup(tokenizer, tmp_path_factory):
     config.train.store_dtype = "float32"  # compare at float32 precision
     passages = read_corpus(CORPUS)[:12]
     reference = Pipeline(root / "reference", config)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray worker of one CPU: the same float operations, the same sampled text
-    try:
+    with machine.using_threads(1):  # as each Ray worker of one CPU: the same float operations, the same sampled text
         assert reference.parameterize(passages, show_progress=False) == len(passages)
-    finally:
-        torch.set_num_threads(threads)
     trained = [p for p in passages if reference.augmentations.get(p.id).qa]
     assert len(trained) >= len(passages) // 2, "the test needs documents with training sequences"
     return {"root": root, "config": config, "passages": passages, "reference": reference}
