@@ -54,7 +54,8 @@ class ModelConfig:
     # beside a competing job (measured once, cached: machine.py); on a GPU bf16 where supported. Else forced.
     dtype: str = "auto"
     device: str = "auto"
-    threads: int = 0  # intra-op threads; 0: $PRAG_THREADS, else every CPU this process may run on
+    # torch threads per phase; 0: $PRAG_THREADS if set, else the CPUs other processes leave free as a phase starts
+    threads: int = 0
 
 
 @dataclass
@@ -195,10 +196,14 @@ class Config:
         setattr(section, key, value)
 
     def validate(self) -> Config:
-        """Check the word-valued fields of a config built in code (`set` checks those it is given)."""
+        """Check the word-valued fields and the thread count of a config built in code (`set` checks the fields
+        it is given)."""
         for dotted in CHOICES:
             section, _, key = dotted.partition(".")
             _check_choice(dotted, getattr(getattr(self, section), key))
+        threads = self.model.threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"bad value {threads!r} for model.threads: a number of threads, or 0 to choose per phase")
         return self
 
     def key(self, *sections: str) -> str:
