@@ -44,6 +44,7 @@ from .atomic import atomic_write_text
 
 PHASES = ("generate", "train")
 CANDIDATES = (torch.float32, torch.bfloat16)
+SLOW = 3.0  # a dtype whose first run takes this many times the best one's time so far is timed only once
 Timings = dict[str, dict[str, dict[str, float | None]]]  # phase -> dtype -> {"idle", "busy"} seconds
 
 
@@ -181,8 +182,9 @@ def measured_dtypes(
 def measure_phases(model: PreTrainedModel, threads: int = 0, repeats: int = 2) -> Timings:
     """Seconds of a short generation and a short training step in every candidate dtype, alone and then
     beside a competing process, at the threads `choose_threads(threads)` picks in each case. A dtype
-    whose time alone already exceeds another's total is not timed busy (it cannot win). The model's
-    weights are converted for the measurement and restored."""
+    whose first run is SLOW times behind is not run again, and one whose time alone already exceeds
+    another's total is not timed busy (it cannot win). The model's weights are converted for the
+    measurement and restored."""
     original = {name: p.data for name, p in model.named_parameters()}
     work = {"generate": lambda: _generation_step(model), "train": lambda: _training_step(model)}
     timings: Timings = {phase: {} for phase in PHASES}
@@ -191,10 +193,12 @@ def measure_phases(model: PreTrainedModel, threads: int = 0, repeats: int = 2) -
         with torch_threads(choose_threads(threads, fresh=True)):
             for dtype in CANDIDATES:
                 _convert(model, original, dtype)
-                for fn in work.values():  # warm-up: thread pool, first-call allocations
-                    fn()
                 for phase, fn in work.items():
-                    timings[phase][names[dtype]] = {"idle": _best(fn, repeats), "busy": None}
+                    first = _seconds(fn)  # also the warm-up: thread pool, first-call allocations
+                    best = min((t["idle"] for t in timings[phase].values()), default=math.inf)
+                    # far behind at once (bf16 emulated on a CPU without it: tens of times slower): not repeated
+                    idle = first if first > SLOW * best else _best(fn, repeats)
+                    timings[phase][names[dtype]] = {"idle": idle, "busy": None}
         with competing_process(available_cpus()), torch_threads(choose_threads(threads, fresh=True)):
             for dtype in CANDIDATES:
                 phases = [
