@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 import torch
 
 from prag import machine
-from prag.config import ModelConfig
+from prag.config import Config, ModelConfig
 from prag.llm import LLM
 
 
@@ -18,9 +20,14 @@ def test_forced_threads_win_over_the_adaptive_choice(monkeypatch):
     monkeypatch.setenv("PRAG_THREADS", "2")
     assert machine.choose_threads() == 2
     assert machine.choose_threads(3) == 3  # the config field before the environment
-    with machine.using_threads(1):  # a deliberate split (one job of a process that runs two)
-        assert machine.choose_threads(3) == 1 and torch.get_num_threads() == 1
-    assert torch.get_num_threads() != 1 or machine.available_cpus() == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with machine.using_threads(1):  # a deliberate split (one job of a process that runs two)
+            assert machine.choose_threads(3) == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
     monkeypatch.setenv("PRAG_THREADS", "many")
     with pytest.raises(ValueError, match="PRAG_THREADS"):
         machine.choose_threads()
@@ -93,3 +100,37 @@ def test_forced_dtype_loads_that_dtype_for_every_phase():
     assert llm.model.dtype == torch.bfloat16 and llm.phase_dtypes == {} and llm.threads == 1
     with llm.phase("train"):
         assert llm.model.dtype == torch.bfloat16 and torch.get_num_threads() == 1
+
+
+def test_a_negative_thread_count_is_refused():
+    with pytest.raises(ValueError, match="bad value -1 for model.threads"):
+        Config.from_dict({"model": {"threads": -1}}).validate()
+    assert Config.from_dict({"model": {"threads": "2"}}).validate().model.threads == 2  # from --set
+
+
+def test_one_measurement_at_a_time_and_a_waiting_one_reads_its_result(tiny_llm, tmp_path):
+    """Two loads at once (the service and its builder): the second waits for the first measurement
+    (it would time the other's competing process) and takes its result instead of measuring again."""
+    cache_file = tmp_path / "speed-x.json"
+    timing = {"float32": {"idle": 1.0, "busy": 2.0}, "bfloat16": {"idle": 3.0, "busy": None}}
+    running, most, calls = [0], [0], []
+
+    def measure():
+        calls.append(1)
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(0.5)
+        running[0] -= 1
+        return {phase: timing for phase in machine.PHASES}
+
+    results = []
+    loads = [
+        threading.Thread(target=lambda: results.append(machine.measured_dtypes(tiny_llm.model, cache_file, 0, measure)))
+        for _ in range(2)
+    ]
+    for load in loads:
+        load.start()
+    for load in loads:
+        load.join()
+    assert len(calls) == 1 and most[0] == 1
+    assert results[0] == results[1] and results[0]["dtypes"] == {"generate": "float32", "train": "float32"}

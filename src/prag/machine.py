@@ -24,6 +24,7 @@ costs seconds once. `model.dtype` other than "auto" forces one dtype for both ph
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -44,6 +45,7 @@ from .atomic import atomic_write_text
 
 PHASES = ("generate", "train")
 CANDIDATES = (torch.float32, torch.bfloat16)
+NAMES = {str(dtype).removeprefix("torch.") for dtype in CANDIDATES}
 SLOW = 3.0  # a dtype whose first run takes this many times the best one's time so far is timed only once
 Timings = dict[str, dict[str, dict[str, float | None]]]  # phase -> dtype -> {"idle", "busy"} seconds
 
@@ -166,17 +168,31 @@ def measured_dtypes(
 ) -> dict:
     """The per-phase dtypes for this machine: read from `cache_file`, or measured now (by `measure`,
     default `measure_phases`) and written there. Returns {"dtypes": {phase: dtype name}, "timings": ...}.
+
+    One measurement at a time per folder (a file lock): processes that load a model together (the
+    service and its builder) would otherwise time each other's competing process, and cache that.
     """
-    if cache_file.exists():
-        with contextlib.suppress(json.JSONDecodeError, KeyError):
-            stored = json.loads(cache_file.read_text())
-            if set(stored["dtypes"]) == set(PHASES):
-                return stored
-    timings = (measure or (lambda: measure_phases(model, threads)))()
-    result = {"dtypes": choose(timings), "timings": timings}
+    stored = _stored(cache_file)
+    if stored is not None:
+        return stored
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cache_file, json.dumps(result, indent=2))
+    with open(cache_file.parent / ".speed.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        stored = _stored(cache_file)  # measured by another process while this one waited
+        if stored is not None:
+            return stored
+        timings = (measure or (lambda: measure_phases(model, threads)))()
+        result = {"dtypes": choose(timings), "timings": timings}
+        atomic_write_text(cache_file, json.dumps(result, indent=2))
     return result
+
+
+def _stored(cache_file: Path) -> dict | None:
+    with contextlib.suppress(OSError, json.JSONDecodeError, KeyError, TypeError):
+        stored = json.loads(cache_file.read_text())
+        if set(stored["dtypes"]) == set(PHASES) and all(name in NAMES for name in stored["dtypes"].values()):
+            return stored
+    return None
 
 
 def measure_phases(model: PreTrainedModel, threads: int = 0, repeats: int = 2) -> Timings:
