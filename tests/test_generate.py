@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from prag import lora
 from prag.augment import QA_PREFIX, QA_PROMPT, qa_example
 from prag.llm import MIN_SHARED_PREFIX, TopKSampler, shared_prefix
 
@@ -62,7 +64,8 @@ def test_decoding_loop_matches_hugging_face_greedy_generate(default_llm):
     llm = default_llm
     questions = ["What is the capital of France? One word.", "Tell a long story about a dragon.", "Say hi."]
     prompts = [llm.chat(q) for q in questions]
-    ours = llm.generate(prompts, 40)
+    clock: dict = {}
+    ours = llm.generate(prompts, 40, clock=clock)
     expected = []
     for prompt in prompts:
         out = llm.model.generate(
@@ -72,6 +75,9 @@ def test_decoding_loop_matches_hugging_face_greedy_generate(default_llm):
     assert ours == [llm.tokenizer.decode(e, skip_special_tokens=True) for e in expected]
     lengths = [len(e) for e in expected]
     assert min(lengths) < 40 == max(lengths)  # some rows finished (and left the batch) before others
+    # each row's count, up to its end-of-sequence token included; the first token before the end
+    assert clock["row_new_tokens"] == lengths and clock["new_tokens"] == 40
+    assert 0 < clock["first_token"]
 
 
 def test_stop_ends_a_row_and_the_others_go_on(tiny_llm):
@@ -82,3 +88,55 @@ def test_stop_ends_a_row_and_the_others_go_on(tiny_llm):
         assert whole.startswith(short)  # the same tokens, up to where the row stopped
         assert len(short) >= 3 or short == whole  # ...which is not before its text had 3 characters
     assert any(len(short) < len(whole) for whole, short in zip(full, stopped, strict=True))
+
+
+def test_rows_leave_the_batch_with_their_own_lora_deltas(tiny_llm):
+    """Each row carries its own merged adapter (ranks 2 and 6, and none, zero-padded as the pipeline stacks
+    them); rows that stop early leave the batch, and the remaining rows keep their own deltas: every row
+    gets the tokens it gets alone with its adapter injected as is. The prompts share a long prefix, which
+    must not be computed once here (each row's deltas give it other keys and values)."""
+    model = tiny_llm.model
+    lora_model = lora.LoRAModel(model, ("gate_proj", "up_proj", "down_proj"))
+    shapes = lora_model.shapes(rank=2)
+
+    def random_adapter(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {k: torch.randn(s, generator=g) * 0.3 for k, s in shapes.items()}
+
+    adapters = [random_adapter(1), lora.merge([random_adapter(s) for s in (2, 3, 4)]), None, random_adapter(5)]
+    header = list(range(100, 100 + 2 * MIN_SHARED_PREFIX))  # shared by every prompt
+    prompts = [header + [5, 17, 300], header + [7], header + [1000, 2000, 3000, 11], header + [42, 43]]
+    stop = lambda text: len(text) >= 12  # noqa: E731  (rows reach it after different numbers of tokens)
+    stacked = lora.stack_padded(adapters)
+    scale = 2.0
+
+    lora_model.inject(stacked, scale)
+    injected = [(m.A, m.B) for m in lora_model.layers["up_proj"]]
+    clock: dict = {}
+    batched = tiny_llm.generate(prompts, 16, stop=stop, clock=clock)
+    assert [(m.A, m.B) for m in lora_model.layers["up_proj"]] == injected  # the whole batch's deltas, restored
+    lora_model.clear()
+    lengths = clock["row_new_tokens"]
+    assert min(lengths) < max(lengths)  # some rows stopped, and left the batch, before others
+
+    alone, alone_lengths = [], []
+    for prompt, adapter in zip(prompts, adapters, strict=True):
+        if adapter is not None:
+            lora_model.inject(adapter, scale)
+        row_clock: dict = {}
+        alone += tiny_llm.generate([prompt], 16, stop=stop, clock=row_clock)
+        alone_lengths += row_clock["row_new_tokens"]
+        lora_model.clear()
+    assert batched == alone
+    assert lengths == alone_lengths
+    assert clock["new_tokens"] == max(lengths) and 0 < clock["first_token"]
+    without = tiny_llm.generate(prompts, 16, stop=stop)
+    assert without != batched  # the deltas do act
+
+
+def test_deltas_for_another_batch_size_are_an_error(tiny_llm):
+    lora_model = lora.LoRAModel(tiny_llm.model, ("up_proj",))
+    shapes = lora_model.shapes(rank=2)
+    lora_model.inject(lora.stack([lora.init_adapter(shapes, 0)] * 3), 1.0)
+    with pytest.raises(ValueError, match="LoRA deltas for 3 examples, not one per row of a batch of 2"):
+        tiny_llm.generate([[1, 2, 3], [4, 5]], 4)
