@@ -5,19 +5,24 @@ Three pipelines turn the same documents (the top-k BM25 passages of questions fr
 into stored LoRAs:
 
 1. this code's default: `Pipeline.augment_missing`, then `Pipeline.parameterize` (training and storing);
-2. the same at a baseline commit (default: the commit before the offline-cost work), extracted from
-   git as the package `prag_base` and run in the same process, chunk by chunk alternating with (1),
-   so that a change in the machine's load hits both alike;
+2. the same at a baseline commit (default: main before the offline-cost work was merged: Hugging
+   Face's generate, sampling over the whole vocabulary, no shared prefix, dtype from CPU flags, every
+   core), extracted from git as the package `prag_base` and run in the same process, chunk by chunk
+   alternating with (1), so that a change in the machine's load hits both alike;
 3. reference-style, one document at a time at batch 1: the baseline's augmentation called per
    document, and the PEFT training loop of the public PRAG scripts (batch 1, every sequence padded to
    3000 tokens, fp32; `benchmarks/parameterize.py`), whose steps all cost the same, so it is timed on
    a few steps and extrapolated to the documents' number of steps.
 
 With `--compete`, a second process does fp32 matmuls on all cores for the whole run (the busy-machine
-case). Prints seconds per document and documents per minute per phase, and writes them as JSON.
+case). Prints seconds per document and documents per minute per phase, and writes them as JSON. Run from
+the repository root (it reads git and ../shared/data); time it on a quiet machine:
 
-    python benchmarks/offline.py --docs 64 --reference-docs 4 --out runs/offline/idle.json
-    python benchmarks/offline.py --docs 32 --reference-docs 0 --compete --out runs/offline/busy.json
+    /work/tools/quiet python benchmarks/offline.py --docs 64 --reference-docs 4 --out runs/offline/idle.json
+    /work/tools/quiet python benchmarks/offline.py --docs 32 --reference-docs 0 --compete \
+        --out runs/offline/busy.json
+
+`--set section.field=value` applies to both pipelines (e.g. a smoke run on a small model directory).
 """
 
 from __future__ import annotations
@@ -34,12 +39,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from prag import Config, Pipeline, machine
 from prag.evaluate import load_questions
 
-BASELINE = "c087a8c"  # main before the offline-cost work (issue 15)
+BASELINE = "07a3a4d"  # main before the offline-cost work (issue 15) was merged
 
 
 def baseline_package(commit: str, root: Path):
@@ -73,20 +76,21 @@ def run_pipeline(pipeline, passages) -> dict[str, float]:
     return {"augment_s": augment_s, "train_s": time.perf_counter() - t}
 
 
-def reference_style(base, passages, steps_timed: int) -> dict[str, float]:
+def reference_style(base, passages, steps_timed: int, sets: list[str]) -> dict[str, float]:
     """Augmentation one document per call (the baseline's code), and PEFT training at batch 1 padded to
     3000 tokens, timed on `steps_timed` steps and extrapolated by the documents' number of steps."""
     from parameterize import peft_train  # benchmarks/parameterize.py
 
-    config = base.Config()
+    config = base_config(base, sets)
     llm = base.llm.LLM.load(config.model)  # its own copy: PEFT wraps the layers itself
     t = time.perf_counter()
     augmentations = [base.augment.augment(llm, [p], config.augment, show_progress=False)[0] for p in passages]
     augment_s = time.perf_counter() - t
+    answer_format = base.prompt.AnswerFormat.from_config(config.answer)
     sequences = [
         s
         for p, a in zip(passages, augmentations, strict=True)
-        for s in base.parameterize.training_sequences(llm, p, a, config.train, config.answer)
+        for s in base.parameterize.training_sequences(llm, p, a, config.train, answer_format)
     ]
     shapes = base.lora.LoRAModel(llm.model, config.lora.target_modules).shapes(config.lora.rank)
     _unwrap(llm.model)
@@ -94,8 +98,10 @@ def reference_style(base, passages, steps_timed: int) -> dict[str, float]:
     init_dir = base.store.export_peft(
         init, Path(tempfile.mkdtemp(prefix="init-")), {"lora": config.to_dict()["lora"]}, str(llm.model.name_or_path)
     )
-    t = time.perf_counter()
     timed = sequences[:steps_timed]
+    if not timed:
+        raise SystemExit(f"reference-style: the {len(passages)} documents got no training sequences; use more")
+    t = time.perf_counter()
     peft_train(llm.model.float(), init_dir, [timed], config.train.lr, config.train.weight_decay, 3000, llm.pad_id)
     per_step = (time.perf_counter() - t) / len(timed)
     steps = len(sequences) * config.train.epochs
@@ -105,9 +111,21 @@ def reference_style(base, passages, steps_timed: int) -> dict[str, float]:
 def _unwrap(model) -> None:
     """Put back the plain linear layers that LoRAModel wrapped (PEFT wraps them its own way)."""
     for layer in model.model.layers:
-        for name, module in list(layer.mlp.named_children()):
-            if hasattr(module, "base"):
-                setattr(layer.mlp, name, module.base)
+        for block in (layer.mlp, layer.self_attn):
+            for name, module in list(block.named_children()):
+                if hasattr(module, "base"):
+                    setattr(block, name, module.base)
+
+
+def with_sets(config, sets: list[str]):
+    for assignment in sets:
+        key, _, value = assignment.partition("=")
+        config.set(key, value)
+    return config
+
+
+def base_config(base, sets: list[str]):
+    return with_sets(base.Config(), sets)
 
 
 def per_doc(seconds: dict[str, float], docs: int) -> dict[str, float]:
@@ -130,12 +148,13 @@ def main() -> None:
     parser.add_argument("--baseline", default=BASELINE, help="git commit of the baseline")
     parser.add_argument("--compete", action="store_true", help="a competing process does matmuls on all cores")
     parser.add_argument("--out", default="runs/offline/result.json")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
     args = parser.parse_args()
 
     root = Path(args.home)
     root.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=root))  # empty stores: every document is built afresh
-    config = Config()
+    config = with_sets(Config(), args.set)
     index = Pipeline(root / "index-home", config)
     if not (index.home / "index" / "retriever.json").exists():
         index.index(args.corpus, show_progress=False)
@@ -143,14 +162,14 @@ def main() -> None:
     passages = list({p.id: p for q in questions for p in index.retrieve(q.question, 3)}.values())[: args.docs]
 
     base = baseline_package(args.baseline, root)
-    ours, theirs = Pipeline(run_dir / "ours", config), base.Pipeline(run_dir / "baseline", base.Config())
+    ours, theirs = Pipeline(run_dir / "ours", config), base.Pipeline(run_dir / "baseline", base_config(base, args.set))
     _ = ours.llm, theirs.llm  # load both models (and measure this machine's dtypes) before timing
     results: dict = {
         "docs": len(passages),
         "compete": args.compete,
         "avx512_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text(),
         "cpus": machine.available_cpus(),
-        "baseline": args.baseline,
+        "baseline_commit": args.baseline,
         "ours_dtypes": {k: str(v) for k, v in ours.llm.phase_dtypes.items()} or str(ours.llm.model.dtype),
         "baseline_dtype": str(theirs.llm.model.dtype),
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
@@ -168,13 +187,13 @@ def main() -> None:
             results[name] = per_doc(totals[name], len(passages)) | {"rejected": rejected(pipeline, passages)}
         if args.reference_docs:
             chosen = passages[: args.reference_docs]
-            reference = reference_style(base, chosen, args.reference_steps)
+            reference = reference_style(base, chosen, args.reference_steps, args.set)
             results["reference"] = per_doc(reference, len(chosen)) | {
                 "docs": len(chosen),
                 "train_s_per_step": reference["train_s_per_step"],
             }
     results["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    results["threads"] = torch.get_num_threads()
+    results["ours_threads"] = machine.forced_threads(config.model.threads) or "chosen per phase"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     report(results)
@@ -183,7 +202,8 @@ def main() -> None:
 def report(r: dict) -> None:
     print(f"\n{r['docs']} documents, {'with' if r['compete'] else 'without'} a competing process")
     print(f"{'pipeline':<34} {'augment s/doc':>14} {'train s/doc':>12} {'total s/doc':>12} {'docs/min':>9}")
-    rows = [("reference-style (batch 1)", "reference"), (f"default at {r['baseline']}", "baseline"), ("ours", "ours")]
+    baseline = f"default at {r['baseline_commit']}"
+    rows = [("reference-style (batch 1)", "reference"), (baseline, "baseline"), ("ours", "ours")]
     for label, key in rows:
         if key in r:
             x = r[key]
