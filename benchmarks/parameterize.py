@@ -243,6 +243,8 @@ def main() -> None:
         doc_ids = [p.id for p in passages]
         if args.save_documents:
             save_documents(documents, Path(args.save_documents))
+    # every path trains in the dtype our training phase uses here (machine.py): one copy of the weights
+    llm.set_phase_dtypes(dict.fromkeys(("generate", "train"), llm.phase_dtypes.get("train", llm.model.dtype)))
     lm = pipeline.lora_model
     tokens_per_doc = statistics.mean(sum(len(s.input_ids) for s in seqs) for seqs in documents)
     # Matmul FLOPs per token: every weight of the decoder layers, plus the vocabulary projection only at

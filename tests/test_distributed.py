@@ -21,7 +21,7 @@ import torch
 from conftest import free_port, tiny_llama, wait_for_port
 from safetensors import safe_open
 
-from prag import Config, Pipeline
+from prag import Config, Pipeline, machine
 from prag.corpus import read_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,12 +167,8 @@ def setup(tokenizer, tmp_path_factory):
     config.train.store_dtype = "float32"  # compare at float32 precision
     passages = read_corpus(CORPUS)[:12]
     reference = Pipeline(root / "reference", config)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each Ray worker of one CPU: the same float operations, the same sampled text
-    try:
+    with machine.using_threads(1):  # as each Ray worker of one CPU: the same float operations, the same sampled text
         assert reference.parameterize(passages, show_progress=False) == len(passages)
-    finally:
-        torch.set_num_threads(threads)
     trained = [p for p in passages if reference.augmentations.get(p.id).qa]
     assert len(trained) >= len(passages) // 2, "the test needs documents with training sequences"
     return {"root": root, "config": config, "passages": passages, "reference": reference}

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a question waits for its retrieved documents' adapters to be built, before it is "
         "answered with the ready ones (the response lists the others)",
     )
-    p.add_argument("--threads", type=int, default=0, help="torch threads answering (default: every core)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads answering (default: the cores left free)")
     p.add_argument("--build-threads", type=int, default=1, help="torch threads of the background builder")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser

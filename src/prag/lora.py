@@ -109,6 +109,34 @@ class LoRAModel:
                 module.A = module.B = None
 
 
+class RowDeltas:
+    """The per-example deltas injected in a model's LoRALinear layers (one per row of a batch), as seen by a
+    batched generation whose finished rows leave the batch: `keep(rows)` keeps those rows' deltas (indices
+    into the rows still there), in step with the KV cache; `restore()` puts back the whole batch's deltas,
+    as injected. False when no layer holds per-example deltas."""
+
+    def __init__(self, model: nn.Module, batch_size: int):
+        self.layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.A is not None and m.A.dim() == 3]
+        for module in self.layers:
+            if module.A.shape[0] != batch_size:
+                raise ValueError(
+                    f"the model carries LoRA deltas for {module.A.shape[0]} examples, not one per row of a batch "
+                    f"of {batch_size}"
+                )
+        self.injected = [(module.A, module.B) for module in self.layers]
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for module in self.layers:
+            module.A, module.B = module.A[rows], module.B[rows]
+
+    def restore(self) -> None:
+        for module, (A, B) in zip(self.layers, self.injected, strict=True):
+            module.A, module.B = A, B
+
+
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a Llama/Qwen2/Mistral-style model (each has an `mlp`), as the model holds them."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None

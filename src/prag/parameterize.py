@@ -196,9 +196,10 @@ def train_adapters(
     results: list[Adapter] = []
     total_steps = sum(len(seqs) * train.epochs for seqs in documents)
     bar = tqdm(total=total_steps, desc="train", unit="seq", disable=not show_progress)
-    for start in range(0, len(documents), train.docs_per_batch):
-        group = documents[start : start + train.docs_per_batch]
-        results += _train_group(llm, lora_model, group, lora, train, initial, bar, base)
+    with llm.phase("train"):  # the training dtype measured for this machine, and its threads (machine.py)
+        for start in range(0, len(documents), train.docs_per_batch):
+            group = documents[start : start + train.docs_per_batch]
+            results += _train_group(llm, lora_model, group, lora, train, initial, bar, base)
     bar.close()
     return results
 

@@ -376,17 +376,18 @@ class Pipeline:
             adapter = batch[0].adapter
         else:
             adapter = lora.stack_padded([p.adapter for p in batch])
-        if adapter is not None:
-            self.lora_model.inject(adapter, self.config.lora.scale)
         t = time.perf_counter()
         clock: dict = {}
-        try:
-            texts = self.llm.generate(
-                [p.prompt for p in batch], self.config.answer.max_new_tokens, stop=self.format.done, clock=clock
-            )
-        finally:
+        with self.llm.phase("generate"):  # injected in the generation dtype (machine.py), not converted per step
             if adapter is not None:
-                self.lora_model.clear()
+                self.lora_model.inject(adapter, self.config.lora.scale)
+            try:
+                texts = self.llm.generate(
+                    [p.prompt for p in batch], self.config.answer.max_new_tokens, stop=self.format.done, clock=clock
+                )
+            finally:
+                if adapter is not None:
+                    self.lora_model.clear()
         generation = time.perf_counter() - t
         answers = []
         for row, (prepared, text) in enumerate(zip(batch, texts, strict=True)):

@@ -14,6 +14,7 @@ A batch runs to its longest row: a request arriving meanwhile waits for the next
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -21,8 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-import torch
-
+from .. import machine
 from ..corpus import Passage
 from ..pipeline import Answer, Pipeline, Prepared
 
@@ -58,7 +58,8 @@ class Batcher:
         # whether a missing document will not become ready (its build failed): nothing to wait for
         self.settled = settled or (lambda p: pipeline.adapters.has(p.id))
         self.on_batch = on_batch
-        # torch threads for the next batch, set in this thread (OpenMP's thread count is per calling thread)
+        # torch threads for the next batch: a deliberate split (machine.using_threads), set in this thread
+        # (OpenMP's thread count is per calling thread)
         self.threads = threads
         self._queue: queue.Queue = queue.Queue()
         self._parked: list[Job] = []
@@ -158,13 +159,13 @@ class Batcher:
         batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # not the abandoned ones
         if not batch:
             return
-        if self.threads is not None and self.threads() != torch.get_num_threads():
-            torch.set_num_threads(self.threads())
+        threads = machine.using_threads(self.threads()) if self.threads is not None else contextlib.nullcontext()
         start = time.perf_counter()
         for job in batch:
             job.prepared.timings["queue"] = start - job.submitted - job.prepared.timings.get("wait_documents", 0.0)
         try:
-            answers: list[Answer] = self.pipeline.generate([job.prepared for job in batch])
+            with threads:
+                answers: list[Answer] = self.pipeline.generate([job.prepared for job in batch])
         except Exception as error:  # noqa: BLE001  (handed to every request of the batch)
             for job in batch:
                 job.future.set_exception(error)

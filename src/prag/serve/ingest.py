@@ -174,6 +174,7 @@ def builder_main(home: str, overrides: dict, conn: Connection, threads: int, gro
     config = Config()
     for key, value in overrides.items():
         config.set(key, value)
+    config.model.threads = threads  # every phase on the builder's share of the cores, whatever else runs
     pipeline = Pipeline(home, config)
     queue: dict[str, Passage] = {}  # insertion order: priority documents are moved to the front
     to_index: dict[str, Passage] = {}

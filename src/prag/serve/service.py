@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from .. import machine
 from ..config import Config
 from ..corpus import Passage
 from ..pipeline import Answer, Pipeline
@@ -28,7 +29,7 @@ class Settings:
     max_batch: int = 16  # questions per batched generation
     gather_ms: float = 20.0  # how long a lone question waits for others to share its batch
     wait_documents_s: float = 120.0  # how long a question waits for its documents' adapters
-    threads: int = 0  # torch threads answering (0: every core)
+    threads: int = 0  # torch threads answering (0: the cores other processes leave free, per batch)
     build_threads: int = 1  # torch threads of the builder process
     build_group: int = 4  # documents the builder parameterizes together (small: waiting questions go first)
     max_body_bytes: int = 1 << 20
@@ -102,11 +103,14 @@ class Service:
         return await asyncio.wrap_future(self.batcher.submit(prepared))
 
     def answer_threads(self) -> int:
-        """Every core while the builder is idle; while it works, the cores it does not use: an oversubscribed
-        core stalls each of torch's parallel sections on its slowest thread."""
-        cores = self.settings.threads or os.cpu_count() or 1
-        if self.builder.busy and not self.settings.threads:
-            return max(1, cores - self.settings.build_threads)
+        """`--threads` if given; else the cores other processes leave free (`machine.choose_threads`), and
+        while the builder works, at most the cores it does not use: an oversubscribed core stalls each of
+        torch's parallel sections on its slowest thread."""
+        if self.settings.threads:
+            return self.settings.threads
+        cores = machine.choose_threads(self.pipeline.config.model.threads)
+        if self.builder.busy:
+            return max(1, min(cores, machine.available_cpus() - self.settings.build_threads))
         return cores
 
     def settled(self, passage: Passage) -> bool:

@@ -1,0 +1,142 @@
+"""Generation internals: the decoding loop, the top-k sampler and the shared prompt prefix computed once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prag import lora
+from prag.augment import QA_PREFIX, QA_PROMPT, qa_example
+from prag.llm import MIN_SHARED_PREFIX, TopKSampler, shared_prefix
+
+
+def test_top_k_sampler_draws_only_among_the_top_k():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 1000)
+    scores[2, :5] = 10.0  # row 2: five equal leaders, far ahead of the rest
+    sampler = TopKSampler(k=5, temperature=1.0, seed=0)
+    top = scores.topk(5, dim=-1).indices
+    drawn = [set() for _ in range(3)]
+    for _ in range(300):
+        for row, token in enumerate(sampler(scores).tolist()):
+            drawn[row].add(token)
+    for row in range(3):
+        assert drawn[row] <= set(top[row].tolist())
+    assert drawn[2] == {0, 1, 2, 3, 4}  # and it does sample: every leader comes up
+
+
+def test_sampling_is_seeded_and_top_1_is_greedy(tiny_llm):
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    assert tiny_llm.generate(prompts, 8, sample=True, top_k=1) == tiny_llm.generate(prompts, 8)
+    first = tiny_llm.generate(prompts, 8, sample=True, temperature=5.0, seed=3)
+    assert tiny_llm.generate(prompts, 8, sample=True, temperature=5.0, seed=3) == first
+    assert tiny_llm.generate(prompts, 8, sample=True, temperature=5.0, seed=4) != first
+
+
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5]]) == [1, 2, 3]
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]
+    assert shared_prefix([[1, 2], [3, 2]]) == []
+
+
+def test_prefix_cache_gives_the_same_tokens_as_no_cache(default_llm):
+    """Greedy decoding of QA prompts (worked example shared, passages of different lengths): the shared
+    prefix computed once, laid out prefix | padding | rest, must change no token."""
+    passages = [
+        "Ada Lovelace\nAda Lovelace was an English mathematician. In 1843 she published notes on the "
+        "Analytical Engine designed by Charles Babbage.",
+        "Paris\nParis is the capital of France.",
+        "Nile\nThe Nile is a river in Africa, about 6,650 km long, flowing north through Egypt into the "
+        "Mediterranean Sea. Its two main tributaries are the White Nile and the Blue Nile.",
+    ]
+    llm = default_llm
+    prompts = [llm.chat(QA_PROMPT.format(n=2, passage=p), QA_PREFIX, history=(qa_example(2),)) for p in passages]
+    assert len(shared_prefix(prompts)) >= max(MIN_SHARED_PREFIX, 150)  # the worked example turn is shared
+    cached = llm.generate(prompts, 24)
+    assert cached == llm.generate(prompts, 24, share_prefix=False)
+    assert cached == [llm.generate([p], 24)[0] for p in prompts]
+
+
+def test_decoding_loop_matches_hugging_face_greedy_generate(default_llm):
+    """Rows that finish early leave the batch, and the chat header all prompts share is computed
+    once; no token may change: the loop's greedy output equals transformers' `generate` on each
+    prompt alone."""
+    llm = default_llm
+    questions = ["What is the capital of France? One word.", "Tell a long story about a dragon.", "Say hi."]
+    prompts = [llm.chat(q) for q in questions]
+    clock: dict = {}
+    ours = llm.generate(prompts, 40, clock=clock)
+    expected = []
+    for prompt in prompts:
+        out = llm.model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=llm.eos_ids
+        )
+        expected.append(out[0, len(prompt) :].tolist())
+    assert ours == [llm.tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+    lengths = [len(e) for e in expected]
+    assert min(lengths) < 40 == max(lengths)  # some rows finished (and left the batch) before others
+    # each row's count, up to its end-of-sequence token included; the first token before the end
+    assert clock["row_new_tokens"] == lengths and clock["new_tokens"] == 40
+    assert 0 < clock["first_token"]
+
+
+def test_stop_ends_a_row_and_the_others_go_on(tiny_llm):
+    prompts = [[5, 17, 300, 42, 9], [7, 8], [1000, 2000, 3000, 11]]
+    full = tiny_llm.generate(prompts, 10)
+    stopped = tiny_llm.generate(prompts, 10, stop=lambda text: len(text) >= 3)
+    for whole, short in zip(full, stopped, strict=True):
+        assert whole.startswith(short)  # the same tokens, up to where the row stopped
+        assert len(short) >= 3 or short == whole  # ...which is not before its text had 3 characters
+    assert any(len(short) < len(whole) for whole, short in zip(full, stopped, strict=True))
+
+
+def test_rows_leave_the_batch_with_their_own_lora_deltas(tiny_llm):
+    """Each row carries its own merged adapter (ranks 2 and 6, and none, zero-padded as the pipeline stacks
+    them); rows that stop early leave the batch, and the remaining rows keep their own deltas: every row
+    gets the tokens it gets alone with its adapter injected as is. The prompts share a long prefix, which
+    must not be computed once here (each row's deltas give it other keys and values)."""
+    model = tiny_llm.model
+    lora_model = lora.LoRAModel(model, ("gate_proj", "up_proj", "down_proj"))
+    shapes = lora_model.shapes(rank=2)
+
+    def random_adapter(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {k: torch.randn(s, generator=g) * 0.3 for k, s in shapes.items()}
+
+    adapters = [random_adapter(1), lora.merge([random_adapter(s) for s in (2, 3, 4)]), None, random_adapter(5)]
+    header = list(range(100, 100 + 2 * MIN_SHARED_PREFIX))  # shared by every prompt
+    prompts = [header + [5, 17, 300], header + [7], header + [1000, 2000, 3000, 11], header + [42, 43]]
+    stop = lambda text: len(text) >= 12  # noqa: E731  (rows reach it after different numbers of tokens)
+    stacked = lora.stack_padded(adapters)
+    scale = 2.0
+
+    lora_model.inject(stacked, scale)
+    injected = [(m.A, m.B) for m in lora_model.layers["up_proj"]]
+    clock: dict = {}
+    batched = tiny_llm.generate(prompts, 16, stop=stop, clock=clock)
+    assert [(m.A, m.B) for m in lora_model.layers["up_proj"]] == injected  # the whole batch's deltas, restored
+    lora_model.clear()
+    lengths = clock["row_new_tokens"]
+    assert min(lengths) < max(lengths)  # some rows stopped, and left the batch, before others
+
+    alone, alone_lengths = [], []
+    for prompt, adapter in zip(prompts, adapters, strict=True):
+        if adapter is not None:
+            lora_model.inject(adapter, scale)
+        row_clock: dict = {}
+        alone += tiny_llm.generate([prompt], 16, stop=stop, clock=row_clock)
+        alone_lengths += row_clock["row_new_tokens"]
+        lora_model.clear()
+    assert batched == alone
+    assert lengths == alone_lengths
+    assert clock["new_tokens"] == max(lengths) and 0 < clock["first_token"]
+    without = tiny_llm.generate(prompts, 16, stop=stop)
+    assert without != batched  # the deltas do act
+
+
+def test_deltas_for_another_batch_size_are_an_error(tiny_llm):
+    lora_model = lora.LoRAModel(tiny_llm.model, ("up_proj",))
+    shapes = lora_model.shapes(rank=2)
+    lora_model.inject(lora.stack([lora.init_adapter(shapes, 0)] * 3), 1.0)
+    with pytest.raises(ValueError, match="LoRA deltas for 3 examples, not one per row of a batch of 2"):
+        tiny_llm.generate([[1, 2, 3], [4, 5]], 4)
