@@ -62,3 +62,13 @@ def test_a_config_built_in_code_is_checked_by_the_pipeline(tmp_path):
     with pytest.raises(ValueError, match="bad value 'distil' for train.objective"):
         Pipeline(tmp_path / "home", config)
     assert not (tmp_path / "home").exists()
+
+
+def test_a_new_sampler_keys_new_augmentations_and_adapters(tmp_path, monkeypatch):
+    import prag.pipeline
+
+    before = Pipeline(tmp_path)
+    monkeypatch.setattr(prag.pipeline, "SAMPLER_VERSION", prag.pipeline.SAMPLER_VERSION + 1)
+    after = Pipeline(tmp_path)
+    assert str(before.augmentations.root) != str(after.augmentations.root)
+    assert str(before.adapters.root) != str(after.adapters.root)

@@ -415,6 +415,11 @@ def shared_prefix(prompts: list[list[int]]) -> list[int]:
     return first[:n]
 
 
+# Bump when a seed draws different tokens than before (the sampler changed): stored augmentations are keyed by
+# it, so a workspace never mixes the old draws with the new.
+SAMPLER_VERSION = 2
+
+
 class TopKSampler:
     """Draw the next token among the `k` highest-scoring ones, at a temperature.
 

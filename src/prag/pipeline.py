@@ -33,7 +33,7 @@ from .atomic import atomic_write, atomic_write_text
 from .augment import augment
 from .config import Config
 from .corpus import Passage, read_corpus
-from .llm import LLM
+from .llm import LLM, SAMPLER_VERSION
 from .parameterize import compiled_decoder, should_compile, train_adapters, training_sequences, warmup_sequences
 from .prompt import AnswerFormat
 from .retrieval import BM25Retriever, Retriever, load_retriever
@@ -98,12 +98,13 @@ class Pipeline:
         cfg = self.config
         self.format = AnswerFormat.from_config(cfg.answer)
         model_key = cfg.model.name.replace("/", "_").strip("_.") or "model"
-        augment_key = f"{model_key}-{cfg.key('model', 'augment')}"
+        # the sampler's version: a seed's augmentations depend on the code that drew them, not on the config alone
+        augment_key = f"{model_key}-{cfg.key('model', 'augment')}-s{SAMPLER_VERSION}"
         self.augmentations = AugmentationStore(join(self.store, "augment", augment_key))
         keyed = Config.from_dict(cfg.to_dict())
         if keyed.answer.style == "direct":  # few-shot examples only shape chain-of-thought training sequences
             keyed.answer.fewshot = ""
-        adapter_key = f"{model_key}-{keyed.key('model', 'augment', 'lora', 'train', 'answer')}"
+        adapter_key = f"{model_key}-{keyed.key('model', 'augment', 'lora', 'train', 'answer')}-s{SAMPLER_VERSION}"
         for kind in ("init", "base"):  # the warm-up/format adapter's contents, not just its path, decide training
             path = getattr(cfg.lora, kind)
             if path:
