@@ -4,10 +4,14 @@ it resumes, and a dyprag answer never augments or trains."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import Server, make_workspace, prag_env
 
 from prag import Config, Pipeline, lora
 from prag import translator as dyprag
@@ -210,6 +214,8 @@ def test_cli_trains_a_translator_then_answers_and_evaluates_in_dyprag_modes(tiny
     assert record["question_ids"] == ["popqa-0", "popqa-2"] and record["documents"] == len(record["document_ids"])
     assert record["config"] == json.loads(json.dumps(Config().to_dict()["translator"]))
     assert main([*train, "--slice", "all"]) == 2 and "--restart" in capsys.readouterr().err
+    assert main(["stats", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["translator"]["documents"] == record["documents"]
 
     assert main(["ask", "Who is George Rankin?", "--mode", "dyprag-combine", *common]) == 0
     assert "answer:" in capsys.readouterr().out
@@ -222,3 +228,28 @@ def test_cli_trains_a_translator_then_answers_and_evaluates_in_dyprag_modes(tiny
     assert metrics["offline"]["translator"]["documents"] == record["documents"]
     assert main([*evaluate, "--limit", "1", "--out", str(out_dir), *common]) == 2  # popqa-0 trained the translator
     assert "trained the translator" in capsys.readouterr().err
+
+
+def test_the_service_answers_in_dyprag_modes_without_building_anything(tiny_model_dir, tmp_path):
+    """A real server: the generated LoRAs are made in the batcher's thread (the model's), rows of several modes share
+    a batch, and the documents a dyprag question retrieves are never queued for parameterization."""
+    home = make_workspace(tmp_path / "home", tiny_model_dir)
+    train = [sys.executable, "-m", "prag.cli", "translator", "train", "--home", str(home), "--quiet"]
+    train += ["--dataset", str(DEMO / "questions.jsonl"), "--slice", "all", "--limit", "1", "--top-k", "2"]
+    subprocess.run(train, check=True, env=prag_env(), capture_output=True, timeout=600)
+    server = Server(home).start()
+    try:
+        question = "Who directed the film Citizen Kane?"
+        with ThreadPoolExecutor(3) as pool:
+            bodies = [{"question": question, "mode": mode, "top_k": 2} for mode in ("dyprag", "dyprag-combine", "rag")]
+            responses = list(pool.map(lambda body: server.post("/v1/answer", body), bodies))
+        for response in responses:
+            assert response.status_code == 200, response.text
+        dyprag_answer, combined, rag = (r.json() for r in responses)
+        retrieved = [p["id"] for p in rag["passages"]]
+        assert dyprag_answer["lora_documents"] == retrieved == combined["lora_documents"]
+        assert dyprag_answer["missing_adapters"] == [] and dyprag_answer["timings_ms"]["load_merge"] > 0
+        for doc_id in retrieved:
+            assert server.get(f"/v1/documents/{doc_id}").json()["status"] == "not_built"
+    finally:
+        server.stop()

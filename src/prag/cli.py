@@ -432,6 +432,14 @@ def cmd_stats(pipeline: Pipeline, args) -> int:
         for reason, n in augmentation.rejected.items():
             rejected[reason] = rejected.get(reason, 0) + n
     stats.update(augmented=augmented, qa_pairs=qa, rewrites=rewrites, rejected=rejected)
+    trained = pipeline.translator_record()
+    if trained:
+        stats["translator"] = {
+            "path": str(pipeline.translator_path),
+            "documents": trained["documents"],
+            "questions": len(trained["question_ids"]),
+            "train_s": trained["seconds"],
+        }
     print(json.dumps(stats, indent=2))
     return 0
 

@@ -199,7 +199,12 @@ def train(
             atomic_write(checkpoint, lambda tmp, saved=saved: torch.save({**saved, **state}, tmp))
     bar.close()
     translator.eval()
-    return {"documents": len(documents), "steps": len(order), "seconds": round(state["seconds"], 2), **state}
+    return {
+        "documents": len(documents),
+        "steps": len(order),
+        "seconds": round(state["seconds"], 2),
+        "losses": state["losses"],
+    }
 
 
 def _step_losses(llm, lora_model, translator, example, target, cfg, scale, with_base, max_length) -> dict:
