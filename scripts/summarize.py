@@ -13,7 +13,18 @@ import argparse
 import json
 from pathlib import Path
 
-MODES = ("closed", "rag", "prag", "combine", "prag-unrelated", "combine-unrelated")
+# every mode a table can show, in column order; a table shows those that some run evaluated
+MODES = (
+    "closed",
+    "rag",
+    "prag",
+    "combine",
+    "prag-unrelated",
+    "combine-unrelated",
+    "dyprag",
+    "dyprag-combine",
+    "dyprag-unrelated",
+)
 # Table 1 of the paper (arXiv 2501.15915v1), LLaMA-3.2-1B, F1, BM25 top-3 ("Total" columns for the
 # multi-hop sets): Standard RAG, P-RAG and "Combine Both". v1 has no closed-book row; the closed-book
 # numbers are DyPRAG's re-run of the same setting (arXiv 2503.23895, github Trae1ounG/DyPRAG, "Vanilla").
@@ -29,17 +40,22 @@ def present(metrics: dict) -> list[str]:
     return [m for m in MODES if m in metrics["modes"]]
 
 
+def evaluated(runs: list[dict]) -> list[str]:
+    return [m for m in MODES if any(m in run["modes"] for run in runs)]
+
+
 def main_table(runs: list[dict]) -> list[str]:
+    modes = evaluated(runs)
     lines = [
         "| dataset | n | recall@k | "
-        + " | ".join(f"{m} EM / F1" for m in MODES)
+        + " | ".join(f"{m} EM / F1" for m in modes)
         + " | paper (LLaMA-3.2-1B) closed / rag / prag / combine F1 |",
-        "|---|---|---|" + "---|" * len(MODES) + "---|",
+        "|---|---|---|" + "---|" * len(modes) + "---|",
     ]
     for m in runs:
         recall = m["retrieval"]["recall@k"]
         cells = [m["dataset"], str(m["n"]), "n/a" if recall is None else f"{recall:.3f}"]
-        for mode in MODES:
+        for mode in modes:
             r = m["modes"].get(mode)
             cells.append("-" if r is None else f"{r['em']:.3f} / **{r['f1']:.3f}**")
         paper = PAPER.get(m["dataset"])
@@ -50,6 +66,8 @@ def main_table(runs: list[dict]) -> list[str]:
 
 def comparisons(runs: list[dict]) -> list[str]:
     names = list(dict.fromkeys(name for m in runs for name in m.get("comparisons", {})))
+    if not names:
+        return ["(none: these runs lack the modes that are compared)"]
     lines = ["| dataset | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for m in runs:
         cells = []
@@ -61,13 +79,14 @@ def comparisons(runs: list[dict]) -> list[str]:
 
 
 def by_type(runs: list[dict]) -> list[str]:
-    lines = ["| dataset | type | n | " + " | ".join(MODES) + " |", "|---|---|---|" + "---|" * len(MODES)]
+    modes = evaluated(runs)
+    lines = ["| dataset | type | n | " + " | ".join(modes) + " |", "|---|---|---|" + "---|" * len(modes)]
     for m in runs:
         types = sorted({t for r in m["modes"].values() for t in r["by_type"]})
         if types == ["unknown"]:
             continue
         for t in types:
-            cells = [m["modes"][mode]["by_type"].get(t) if mode in m["modes"] else None for mode in MODES]
+            cells = [m["modes"][mode]["by_type"].get(t) if mode in m["modes"] else None for mode in modes]
             n = next(c["n"] for c in cells if c)
             lines.append(
                 f"| {m['dataset']} | {t} | {n} | "
@@ -115,20 +134,15 @@ def plot(runs: list[dict], path: str) -> None:
     fig = Figure(figsize=(9, 3.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    width = 0.8 / len(MODES)
-    colors = {
-        "closed": "0.75",
-        "rag": "0.45",
-        "prag": "C0",
-        "combine": "C1",
-        "prag-unrelated": "C0",
-        "combine-unrelated": "C1",
-    }
-    for i, mode in enumerate(MODES):
+    modes = evaluated(runs)
+    width = 0.8 / len(modes)
+    colors = {"closed": "0.75", "rag": "0.45", "prag": "C0", "combine": "C1", "dyprag": "C2", "dyprag-combine": "C3"}
+    for i, mode in enumerate(modes):
         xs = [j + i * width for j in range(len(runs))]
         values = [m["modes"][mode]["f1"] if mode in m["modes"] else 0 for m in runs]
         hatch = "//" if mode.endswith("unrelated") else None
-        ax.bar(xs, values, width, label=mode, color=colors[mode], hatch=hatch, edgecolor="white" if hatch else None)
+        color = colors[mode.removesuffix("-unrelated")]  # a control has its mode's color, hatched
+        ax.bar(xs, values, width, label=mode, color=color, hatch=hatch, edgecolor="white" if hatch else None)
         for x, m in zip(xs, runs, strict=True):  # the paper's number, for orientation
             paper = PAPER.get(m["dataset"], {}).get(mode)
             if paper is not None:

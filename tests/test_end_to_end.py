@@ -8,6 +8,7 @@ import torch
 
 from prag import ALL_MODES, Config, Pipeline
 from prag.corpus import read_corpus
+from prag.pipeline import GENERATED_LORAS
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
 
@@ -19,7 +20,8 @@ def test_every_mode_answers_a_real_question(default_llm, tmp_path):
     assert pipeline.index(DEMO / "corpus.jsonl", show_progress=False) == len(read_corpus(DEMO / "corpus.jsonl"))
 
     question = "What is George Rankin's occupation?"
-    answers = {mode: pipeline.answer(question, mode) for mode in ALL_MODES}
+    # the dyprag modes need a trained translator: tests/test_translator.py
+    answers = {mode: pipeline.answer(question, mode) for mode in ALL_MODES if mode not in GENERATED_LORAS}
 
     retrieved = [p.title for p in answers["rag"].passages]
     assert "George Rankin" in retrieved and len(retrieved) == 2

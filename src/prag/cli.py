@@ -27,7 +27,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="where augmentations and adapters live: a directory (shared by a cluster's machines) or an fsspec URL "
         "such as s3://bucket/prefix (default: $PRAG_STORE or the --home directory)",
     )
-    parser.add_argument("--config", help="JSON config file (sections: model, lora, train, augment, answer)")
+    parser.add_argument("--config", help="JSON config file (sections: model, lora, train, augment, answer, translator)")
     parser.add_argument(
         "--set",
         action="append",
@@ -107,6 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=int, default=0, help="questions skipped in each file's tune slice")
     p.add_argument("--limit", type=int, default=None, help="questions taken from each file's tune slice")
     p.add_argument("--out", required=True, help="the warm-up adapter to write (.safetensors)")
+
+    p = commands.add_parser("translator", help="DyPRAG's parameter translator: documents to LoRAs in one forward pass")
+    translator_commands = p.add_subparsers(dest="translator_command", required=True)
+    p = translator_commands.add_parser(
+        "train",
+        help="train the translator on the trained LoRAs of the documents retrieved for some questions",
+        description="Train the parameter translator that the dyprag modes use, on (document, trained LoRA) pairs: "
+        "the top-k passages retrieved for the questions, parameterized first where they have no stored LoRA. "
+        "It is stored in the workspace under the model and config that built the LoRAs; the questions' ids are "
+        "recorded and `prag eval` refuses to evaluate them in the dyprag modes. Reads the TUNE slice by default.",
+    )
+    _common(p)
+    p.add_argument("--dataset", required=True, help="questions, FlashRAG JSONL")
+    p.add_argument(
+        "--slice", default="tune", choices=SLICES, help="tune (default): questions 100 on; all: the whole file"
+    )
+    p.add_argument("--offset", type=int, default=0, help="questions skipped, counted within the slice")
+    p.add_argument("--limit", type=int, default=None, help="questions, counted within the slice")
+    p.add_argument("--top-k", type=int, default=None, help="passages per question (default: answer.top_k)")
+    p.add_argument("--restart", action="store_true", help="start over: drop a checkpoint, replace a stored translator")
 
     p = commands.add_parser("eval", help="evaluate modes on a FlashRAG-format question set")
     _common(p)
@@ -290,6 +310,31 @@ def cmd_warmup(pipeline: Pipeline, args) -> int:
     return 0
 
 
+def cmd_translator(pipeline: Pipeline, args) -> int:
+    from .evaluate import load_questions
+
+    questions = load_questions(args.dataset, limit=args.limit, offset=args.offset, slice=args.slice)
+    if not questions:
+        raise ValueError(f"{args.dataset}: no questions in slice {args.slice!r} at offset {args.offset}")
+    passages = list({p.id: p for q in questions for p in pipeline.retrieve(q.question, args.top_k)}.values())
+    record = pipeline.train_translator(passages, [q.id for q in questions], not args.quiet, args.restart)
+    losses = record["losses"]
+    window = max(1, len(losses["mse"]) // 10)
+
+    def mean(values: list[float]) -> str:
+        return f"{sum(values) / len(values):.4g}"
+
+    print(
+        f"translator trained on {record['documents']} documents from {len(questions)} questions "
+        f"({record['parameterized_first']} parameterized first, {record['parameterize_s']:.1f}s): {record['steps']} "
+        f"steps in {record['seconds']:.1f}s ({record['seconds'] / record['steps']:.2f}s per document)"
+    )
+    for name in losses:
+        print(f"  {name} loss: {mean(losses[name][:window])} (first {window} steps) -> {mean(losses[name][-window:])}")
+    print(f"stored in {pipeline.translator_path}; answer with --mode dyprag or dyprag-combine")
+    return 0
+
+
 def cmd_eval(pipeline: Pipeline, args) -> int:
     from .evaluate import load_questions, run, write_results
 
@@ -387,6 +432,14 @@ def cmd_stats(pipeline: Pipeline, args) -> int:
         for reason, n in augmentation.rejected.items():
             rejected[reason] = rejected.get(reason, 0) + n
     stats.update(augmented=augmented, qa_pairs=qa, rewrites=rewrites, rejected=rejected)
+    trained = pipeline.translator_record()
+    if trained:
+        stats["translator"] = {
+            "path": str(pipeline.translator_path),
+            "documents": trained["documents"],
+            "questions": len(trained["question_ids"]),
+            "train_s": trained["seconds"],
+        }
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -417,6 +470,7 @@ COMMANDS = {
     "ask": cmd_ask,
     "parameterize": cmd_parameterize,
     "warmup": cmd_warmup,
+    "translator": cmd_translator,
     "eval": cmd_eval,
     "export": cmd_export,
     "stats": cmd_stats,

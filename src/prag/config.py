@@ -29,6 +29,7 @@ NOT_KEYED = {
     "answer.max_new_tokens",
     "answer.init_in_all_modes",
     "answer.lora_scale",
+    "translator.checkpoint_every",
 }
 # Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
 CHOICES = {
@@ -137,12 +138,31 @@ class AnswerConfig:
 
 
 @dataclass
+class TranslatorConfig:
+    """DyPRAG's parameter translator (`prag translator train`, translator.py). The defaults are the paper's."""
+
+    hidden: int = 32  # hidden units of each (module, layer) MLP
+    lr: float = 1e-5  # AdamW
+    epochs: int = 1
+    weight_decay: float = 0.01  # torch.optim.AdamW's default, as in the reference code
+    # the loss: LM loss of the document's training sequences under the generated LoRA, KL to the model's
+    # distribution under the trained LoRA on the same tokens, squared error to the trained LoRA's tensors
+    lm_weight: float = 1.0
+    kl_weight: float = 0.01
+    mse_weight: float = 100.0
+    init_std: float = 1e-7  # every weight starts from N(0, init_std^2), as in the reference code
+    seed: int = 0  # the order the documents are visited in, per epoch
+    checkpoint_every: int = 50  # documents between resumable checkpoints
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     answer: AnswerConfig = field(default_factory=AnswerConfig)
+    translator: TranslatorConfig = field(default_factory=TranslatorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

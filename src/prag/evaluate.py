@@ -32,6 +32,11 @@ COMPARISONS = (
     ("combine", "rag"),
     ("prag", "prag-unrelated"),
     ("combine", "combine-unrelated"),
+    ("dyprag", "closed"),
+    ("dyprag", "prag"),
+    ("dyprag-combine", "rag"),
+    ("dyprag-combine", "combine"),
+    ("dyprag", "dyprag-unrelated"),
 )
 _PUNCT = frozenset(string.punctuation)
 
@@ -409,12 +414,14 @@ def run(
 
     Documents are parameterized up front, in batches, so that per-question latency measures only
     the online path (retrieval, load+merge, generation); the offline cost is returned separately.
-    The control modes (`prag-unrelated`, `combine-unrelated`) merge the LoRAs of another question's
-    top-k (`unrelated_partners`), documents the set parameterizes anyway. `batch_size` > 1 answers
+    The control modes (`prag-unrelated`, `combine-unrelated`, `dyprag-unrelated`) merge the LoRAs of another
+    question's top-k (`unrelated_partners`), documents the set parameterizes anyway. `batch_size` > 1 answers
     that many questions of a mode in one batched generation (each with its own adapter): faster on
     accuracy runs, but a question's latency is then its batch's.
     """
     from tqdm.auto import tqdm
+
+    from .pipeline import GENERATED_LORAS, TRAINED_LORAS
 
     leaked = sorted({q.id for q in questions} & pipeline.warmup_question_ids())
     if leaked:
@@ -422,10 +429,25 @@ def run(
             f"{len(leaked)} evaluated question(s) trained the warm-up adapter {pipeline.config.lora.init} "
             f"(e.g. {leaked[:3]}): evaluate other questions, or warm up on the tune slice"
         )
+    offline: dict = {"documents_parameterized": 0, "parameterize_s": 0.0}
+    if any(m in GENERATED_LORAS for m in modes):
+        pipeline.translator  # noqa: B018  (none trained: say so before any work)
+        trained = pipeline.translator_record()
+        leaked = sorted({q.id for q in questions} & set(trained.get("question_ids", [])))
+        if leaked:
+            raise ValueError(
+                f"{len(leaked)} evaluated question(s) retrieved the documents that trained the translator "
+                f"{pipeline.translator_path} (e.g. {leaked[:3]}): evaluate other questions, or train it on the "
+                "tune slice"
+            )
+        offline["translator"] = {
+            "path": str(pipeline.translator_path),
+            **{k: trained.get(k) for k in ("documents", "steps", "seconds", "parameterize_s", "config")},
+            "questions": len(trained.get("question_ids", [])),
+        }
     retrieved = {q.id: pipeline.retrieve(q.question, top_k) for q in questions}
     partners = unrelated_partners(questions, retrieved) if any(m.endswith("-unrelated") for m in modes) else {}
-    offline: dict = {"documents_parameterized": 0, "parameterize_s": 0.0}
-    if any(m != "closed" and m != "rag" for m in modes):
+    if any(m in TRAINED_LORAS for m in modes):  # the dyprag modes generate their LoRAs: nothing to build
         passages = {p.id: p for q in questions for p in retrieved[q.id]}
         before = dict(pipeline.offline_seconds)
         t = time.perf_counter()

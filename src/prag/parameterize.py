@@ -297,7 +297,7 @@ def _teacher_log_probs(llm: LLM, sequences: list[Sequence], batch_size: int = 8)
     out: dict[int, torch.Tensor] = {}
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        logits, _, rows, _ = _label_logits(llm, [s.teacher for s in chunk])
+        logits, _, rows, _ = label_logits(llm, [s.teacher for s in chunk])
         log_probs = F.log_softmax(logits, dim=-1)
         for row, s in enumerate(chunk):
             out[id(s)] = log_probs[rows == row]
@@ -307,7 +307,7 @@ def _teacher_log_probs(llm: LLM, sequences: list[Sequence], batch_size: int = 8)
 def sequence_losses(llm: LLM, batch: list[Sequence], teacher: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Each sequence's mean loss over its labelled tokens (like HF's loss at batch size 1): next-token
     cross-entropy, or KL(teacher || model) for sequences that have teacher distributions."""
-    logits, targets, rows, counts = _label_logits(llm, batch)
+    logits, targets, rows, counts = label_logits(llm, batch)
     token_loss = F.cross_entropy(logits, targets, reduction="none")
     if teacher:
         distilled = torch.tensor([id(s) in teacher for s in batch], device=llm.device)[rows]
@@ -319,7 +319,7 @@ def sequence_losses(llm: LLM, batch: list[Sequence], teacher: dict[int, torch.Te
     return per_row / counts.clamp(min=1)
 
 
-def _label_logits(llm: LLM, batch: list[Sequence]) -> tuple[torch.Tensor, ...]:
+def label_logits(llm: LLM, batch: list[Sequence]) -> tuple[torch.Tensor, ...]:
     """Float logits at the positions that predict a label (in order), those labels, their row in the
     batch, and the number of labels per row. Only those positions go through the (large) vocabulary projection."""
     width = max(len(s.input_ids) for s in batch)

@@ -1,18 +1,22 @@
 """The method, step by step: retrieve, parameterize (offline, once per document), merge, inject, generate.
 
-Four answer modes share one prompt template and differ only in where the
-retrieved knowledge goes:
+The answer modes share one prompt template and differ only in where the retrieved
+knowledge goes:
 
-    closed    no retrieval
-    rag       passages in the prompt
-    prag      the passages' LoRAs merged into the model, no passages in the prompt
-    combine   merged LoRAs AND passages in the prompt
+    closed          no retrieval
+    rag             passages in the prompt
+    prag            the passages' LoRAs merged into the model, no passages in the prompt
+    combine         merged LoRAs AND passages in the prompt
+    dyprag          like prag, with LoRAs the translator generates (DyPRAG, translator.py): no augmentation,
+                    no training, one forward pass over the passages per question
+    dyprag-combine  generated LoRAs AND passages in the prompt
 
-Two controls measure what the LoRAs carry beyond an answer format: they merge the LoRAs of
+Three controls measure what the LoRAs carry beyond an answer format: they merge the LoRAs of
 UNRELATED documents (in `prag eval`, another question's top-k; otherwise k random passages):
 
     prag-unrelated      unrelated LoRAs, no passages
     combine-unrelated   unrelated LoRAs, the question's own passages in the prompt
+    dyprag-unrelated    unrelated documents' generated LoRAs, no passages
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import lora
+from . import translator as dyprag
 from .atomic import atomic_write, atomic_write_text
 from .augment import augment
 from .config import Config
@@ -39,10 +44,12 @@ from .prompt import AnswerFormat
 from .retrieval import BM25Retriever, Retriever, load_retriever
 from .store import AdapterStore, AugmentationStore, join
 
-MODES = ("closed", "rag", "prag", "combine")
-CONTROLS = ("prag-unrelated", "combine-unrelated")
+MODES = ("closed", "rag", "prag", "combine", "dyprag", "dyprag-combine")
+CONTROLS = ("prag-unrelated", "combine-unrelated", "dyprag-unrelated")
 ALL_MODES = MODES + CONTROLS
-PASSAGES_IN_PROMPT = {"rag", "combine", "combine-unrelated"}
+PASSAGES_IN_PROMPT = {"rag", "combine", "combine-unrelated", "dyprag-combine"}
+TRAINED_LORAS = {"prag", "combine", "prag-unrelated", "combine-unrelated"}  # merge the documents' stored LoRAs
+GENERATED_LORAS = {"dyprag", "dyprag-combine", "dyprag-unrelated"}  # merge the LoRAs the translator generates
 MAX_QUESTION_CHARS = 2000
 MAX_TOP_K = 50
 
@@ -75,6 +82,8 @@ class Prepared:
     prompt: list[int]  # token ids
     adapter: lora.Adapter | None = None  # the merged adapter of the stored ones among lora_passages
     missing: list[Passage] = field(default_factory=list)  # lora_passages without a stored adapter
+    # dyprag modes: the lora_passages whose LoRAs the translator generates, in `generate` (the model's thread)
+    translate: list[Passage] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     scores: list[float] = field(default_factory=list)  # the passages' retrieval scores
 
@@ -112,6 +121,9 @@ class Pipeline:
                     raise FileNotFoundError(f"lora.{kind}={path!r}: no such adapter file (`prag warmup` writes one)")
                 adapter_key += f"-{kind}" + hashlib.sha1(Path(path).read_bytes()).hexdigest()[:8]
         self.adapters = AdapterStore(join(self.store, "adapters", adapter_key), cfg.train.store_dtype)
+        # the translator learns this adapter store's LoRAs: keyed by it, and by its own options
+        self.translator_dir = self.home / "translators" / f"{adapter_key}-{cfg.key('translator')}"
+        self._translator: dyprag.Translator | None = None
         self._initial: lora.Adapter | None = None
         self._base: lora.Adapter | None = None
         # offline work done by this pipeline, cumulative: seconds augmenting and training, documents built
@@ -273,6 +285,89 @@ class Pipeline:
         with safe_open(self.config.lora.init, framework="pt") as f:
             return set(json.loads((f.metadata() or {}).get("question_ids", "[]")))
 
+    # -- the translator (DyPRAG) ----------------------------------------------------------------------
+    @property
+    def translator_path(self) -> Path:
+        return self.translator_dir / "translator.safetensors"
+
+    @property
+    def translator(self) -> dyprag.Translator:
+        """The trained translator of this model and LoRA config, loaded on first use."""
+        if self._translator is None:
+            if not self.translator_path.exists():
+                raise ValueError(
+                    f"mode: the dyprag modes need a trained translator, and none is stored for this model and "
+                    f"config ({self.translator_path}): train one with `prag translator train --dataset Q.jsonl`"
+                )
+            device = self._llm.device if self._llm is not None else "cpu"
+            self._translator, _ = dyprag.load(self.translator_path, device)
+        return self._translator
+
+    def train_translator(
+        self, passages: list[Passage], question_ids: list[str], show_progress: bool = True, restart: bool = False
+    ) -> dict:
+        """Train and store the translator on these documents' (passage, trained LoRA) pairs.
+
+        Documents without a stored LoRA are parameterized first, the standard way. `question_ids`, the questions
+        whose retrieved documents these are, are recorded: `prag eval` refuses to evaluate them in dyprag modes.
+        An interrupted run of the same documents resumes from its checkpoint; `restart` starts over (and
+        replaces a stored translator). Returns the training record.
+        """
+        if self.translator_path.exists() and not restart:
+            raise ValueError(
+                f"a translator is stored already ({self.translator_path}): pass --restart to train a new one"
+            )
+        checkpoint = self.translator_dir / "checkpoint.pt"
+        if restart:
+            checkpoint.unlink(missing_ok=True)
+        passages = list({p.id: p for p in passages}.values())
+        t = time.perf_counter()
+        built = self.parameterize(passages, show_progress)
+        parameterize_s = time.perf_counter() - t
+        cfg = self.config
+        examples = [
+            dyprag.Example(p, training_sequences(self.llm, p, self.augmentations.get(p.id), cfg.train, self.format))
+            for p in passages
+        ]
+        shapes = self.lora_model.shapes(cfg.lora.rank)
+        dim = self.llm.model.config.hidden_size
+        tc = cfg.translator
+        translator = dyprag.Translator(shapes, dim, tc.hidden, tc.init_std, tc.seed).to(self.llm.device)
+        self.translator_dir.mkdir(parents=True, exist_ok=True)
+        record = dyprag.train(
+            self.llm,
+            self.lora_model,
+            translator,
+            examples,
+            self.adapters.get,
+            tc,
+            cfg.lora.scale,
+            self.base_adapter,
+            checkpoint,
+            cfg.train.max_length,
+            show_progress,
+        )
+        record.update(
+            config=cfg.to_dict()["translator"],
+            question_ids=list(question_ids),
+            document_ids=[p.id for p in passages],
+            parameterized_first=built,
+            parameterize_s=round(parameterize_s, 2),
+        )
+        dyprag.save(translator, self.translator_path, record)
+        checkpoint.unlink(missing_ok=True)
+        self._translator = translator
+        return record
+
+    def translator_record(self) -> dict:
+        """What trained the stored translator (documents, question ids, seconds, losses); empty without one."""
+        if not self.translator_path.exists():
+            return {}
+        from safetensors import safe_open
+
+        with safe_open(str(self.translator_path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("training", "{}"))
+
     def augment_missing(self, passages: list[Passage], show_progress: bool = True) -> None:
         """Generate and store augmentations for the passages that have none, in chunks (so a crash keeps most)."""
         fresh = [p for p in passages if not self.augmentations.has(p.id)]
@@ -326,6 +421,8 @@ class Pipeline:
         k = check_question(question, top_k, self.config.answer.top_k)
         if mode not in ALL_MODES:
             raise ValueError(f"mode: unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
+        if mode in GENERATED_LORAS:
+            self.translator  # noqa: B018  (no translator: the error that names the command to train one, at once)
         timings: dict[str, float] = {}
         hits = []
         if mode != "closed":
@@ -336,8 +433,8 @@ class Pipeline:
         if mode in CONTROLS:
             merged_from = lora_passages if lora_passages is not None else self.unrelated_passages(question, passages, k)
         else:
-            merged_from = passages if mode in ("prag", "combine") else []
-        if merged_from and build:
+            merged_from = passages if mode in ("prag", "combine", "dyprag", "dyprag-combine") else []
+        if merged_from and build and mode in TRAINED_LORAS:
             t = time.perf_counter()
             self.parameterize(merged_from, show_progress)  # a no-op once the documents are stored
             timings["parameterize"] = time.perf_counter() - t
@@ -345,34 +442,65 @@ class Pipeline:
         prompt = self.format.chat_ids(self.llm, question, in_prompt)
         prepared = Prepared(question, mode, k, passages, list(merged_from), prompt, timings=timings)
         prepared.scores = [hit.score for hit in hits]
+        if mode in GENERATED_LORAS:
+            prepared.translate = list(merged_from)
         return self.merge_adapters(prepared)
 
     def merge_adapters(self, prepared: Prepared) -> Prepared:
-        """(Re)load and merge the stored adapters of `prepared.lora_passages`; those not stored yet stay `missing`."""
+        """(Re)load and merge the stored adapters of `prepared.lora_passages`; those not stored yet stay `missing`.
+        In the dyprag modes nothing is loaded: `generate` merges the generated LoRAs."""
+        prepared.adapter = self.base_adapter  # the format adapter (lora.base), in every mode, or None
+        if prepared.mode in GENERATED_LORAS:
+            prepared.missing = []
+            return prepared
         ready = [p for p in prepared.lora_passages if self.adapters.has(p.id)]
         prepared.missing = [p for p in prepared.lora_passages if not self.adapters.has(p.id)]
-        prepared.adapter = self.base_adapter  # the format adapter (lora.base), in every mode, or None
         if ready:
             t = time.perf_counter()
-            adapters = [self.adapters.get(p.id) for p in ready]
-            share = 1.0 if self.config.answer.merge == "sum" else 1 / len(adapters)
-            weights = [share * self.config.answer.lora_scale] * len(adapters)
-            if prepared.adapter is not None:  # the format adapter once, beside the documents' deltas
-                adapters, weights = [prepared.adapter, *adapters], [1.0, *weights]
-            prepared.adapter = lora.merge(adapters, weights)
+            prepared.adapter = self.merge([self.adapters.get(p.id) for p in ready])
             prepared.timings["load_merge"] = time.perf_counter() - t
         elif not prepared.lora_passages and self.config.answer.init_in_all_modes and self.initial_adapter is not None:
             prepared.adapter = self.initial_adapter  # the warmed-up model as the baseline, without any document
         return prepared
+
+    def merge(self, adapters: list[lora.Adapter]) -> lora.Adapter:
+        """The documents' LoRAs as one adapter: summed or averaged (`answer.merge`), times `answer.lora_scale`,
+        beside the format adapter (`lora.base`) if there is one."""
+        share = 1.0 if self.config.answer.merge == "sum" else 1 / len(adapters)
+        weights = [share * self.config.answer.lora_scale] * len(adapters)
+        if self.base_adapter is not None:  # the format adapter once, beside the documents' deltas
+            adapters, weights = [self.base_adapter, *adapters], [1.0, *weights]
+        return lora.merge(adapters, weights)
+
+    def translate(self, batch: list[Prepared]) -> None:
+        """Generate the LoRAs of the rows' `translate` documents (all of them in one forward pass) and merge each
+        row's. Runs where the model is free of injected LoRAs, as the embedding must be the base model's."""
+        pending = [p for p in batch if p.translate]
+        if not pending:
+            return
+        t = time.perf_counter()
+        translator = self.translator.to(self.llm.device)
+        if translator.shapes != self.lora_model.shapes(self.config.lora.rank):
+            raise ValueError(f"{self.translator_path}: its LoRA shapes do not match this model's")
+        documents = list({p.id: p for prepared in pending for p in prepared.translate}.values())
+        adapters = translator.adapters(self.llm, documents, self.config.train.max_length)
+        generated = {p.id: adapter for p, adapter in zip(documents, adapters, strict=True)}
+        for prepared in pending:
+            prepared.adapter = self.merge([generated[p.id] for p in prepared.translate])
+        seconds = time.perf_counter() - t
+        for prepared in pending:  # one pass for the batch: each row's load+merge is the pass's time
+            prepared.timings["translate"] = prepared.timings["load_merge"] = seconds
 
     def generate(self, batch: list[Prepared]) -> list[Answer]:
         """Generate for prepared requests in one batched pass, each row with its own merged adapter.
 
         Rows may differ in mode, prompt length and adapter rank (zero-padded: exact); with greedy
         decoding a row's answer is the one it gets alone. One request injects its adapter as is.
+        The dyprag rows' LoRAs are generated first, here: in a service this is the thread that owns the model.
         """
         if not batch:
             return []
+        self.translate(batch)
         if len(batch) == 1:
             adapter = batch[0].adapter
         else:

@@ -67,7 +67,11 @@ def _check_top_k(top_k: int | None) -> int | None:
 class AnswerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     question: StrictStr = Field(description="the question (at most 2000 characters)")
-    mode: StrictStr = Field("prag", description="closed, rag, prag, combine, prag-unrelated or combine-unrelated")
+    mode: StrictStr = Field(
+        "prag",
+        description="closed, rag, prag, combine, dyprag, dyprag-combine (these two need a trained translator), "
+        "or a control: prag-unrelated, combine-unrelated, dyprag-unrelated",
+    )
     top_k: StrictInt | None = Field(None, description=f"passages retrieved, 1 to {MAX_TOP_K} (default: the config's)")
 
     @field_validator("question")
