@@ -22,7 +22,9 @@ the repository root (it reads git and ../shared/data); time it on a quiet machin
     /work/tools/quiet python benchmarks/offline.py --docs 32 --reference-docs 0 --compete \
         --out runs/offline/busy.json
 
-`--set section.field=value` applies to both pipelines (e.g. a smoke run on a small model directory).
+`--set section.field=value` applies to both pipelines (e.g. a smoke run on a small model directory);
+`--ours-set` to this code's only, so that `--baseline HEAD --ours-set augment.qa_style=answer_first` times
+a setting against the default, both from this commit.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ BASELINE = "07a3a4d"  # main before the offline-cost work (issue 15) was merged
 
 def baseline_package(commit: str, root: Path):
     """The package `prag` as of `commit`, importable as `prag_base` (its absolute imports rewritten)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", commit], capture_output=True, check=True, text=True)
+    commit = commit.stdout.strip()  # a hash, so that a moving name (HEAD) never reuses a stale extraction
     target = root / f"baseline-{commit}"
     if not (target / "prag_base" / "__init__.py").exists():
         target.mkdir(parents=True, exist_ok=True)
@@ -149,12 +153,19 @@ def main() -> None:
     parser.add_argument("--compete", action="store_true", help="a competing process does matmuls on all cores")
     parser.add_argument("--out", default="runs/offline/result.json")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override")
+    parser.add_argument(
+        "--ours-set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override for this code's pipeline only: with --baseline HEAD, a setting against the default",
+    )
     args = parser.parse_args()
 
     root = Path(args.home)
     root.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=root))  # empty stores: every document is built afresh
-    config = with_sets(Config(), args.set)
+    config = with_sets(Config(), args.set + args.ours_set)
     index = Pipeline(root / "index-home", config)
     if not (index.home / "index" / "retriever.json").exists():
         index.index(args.corpus, show_progress=False)
@@ -170,6 +181,7 @@ def main() -> None:
         "avx512_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text(),
         "cpus": machine.available_cpus(),
         "baseline_commit": args.baseline,
+        "ours_set": args.ours_set,
         "ours_dtypes": {k: str(v) for k, v in ours.llm.phase_dtypes.items()} or str(ours.llm.model.dtype),
         "baseline_dtype": str(theirs.llm.model.dtype),
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
