@@ -36,10 +36,6 @@ PAPER = {
 }
 
 
-def present(metrics: dict) -> list[str]:
-    return [m for m in MODES if m in metrics["modes"]]
-
-
 def evaluated(runs: list[dict]) -> list[str]:
     return [m for m in MODES if any(m in run["modes"] for run in runs)]
 
@@ -102,7 +98,7 @@ def latency(runs: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in runs:
-        for mode in present(m):
+        for mode in evaluated([m]):
             r = m["modes"][mode]
             lat, parts = r["latency_ms"], r["latency_ms"]["parts"]
             lines.append(
