@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from prag import lora
-from prag.augment import QA_PREFIX, QA_PROMPT, qa_example
-from prag.llm import MIN_SHARED_PREFIX, TopKSampler, shared_prefix
+from prag.augment import QA_PREFIX, QA_PROMPT, answer_first_example, answer_first_prompt, qa_example
+from prag.corpus import Passage
+from prag.llm import MIN_SHARED_PREFIX, TopKSampler, prefix_groups, shared_prefix
 
 
 def test_top_k_sampler_draws_only_among_the_top_k():
@@ -55,6 +56,40 @@ def test_prefix_cache_gives_the_same_tokens_as_no_cache(default_llm):
     cached = llm.generate(prompts, 24)
     assert cached == llm.generate(prompts, 24, share_prefix=False)
     assert cached == [llm.generate([p], 24)[0] for p in prompts]
+
+
+def test_prefix_groups_are_runs_of_prompts_sharing_a_long_start():
+    long_a, long_b = list(range(100, 100 + MIN_SHARED_PREFIX)), list(range(200, 200 + MIN_SHARED_PREFIX + 3))
+    prompts = [long_a + [1], long_a + [2, 3], [7, 8], long_b + [4], long_b + [5], long_b + [6, 9], long_a + [1]]
+    assert prefix_groups(prompts) == [(0, 2, MIN_SHARED_PREFIX), (3, 6, MIN_SHARED_PREFIX + 3)]
+    short = list(range(MIN_SHARED_PREFIX - 1))
+    assert prefix_groups([short + [1], short + [2]]) == []  # too short to be worth a pass of its own
+    assert prefix_groups([long_a + [1], long_a + [1]]) == [(0, 2, MIN_SHARED_PREFIX)]  # each keeps a token
+
+
+def test_grouped_prefixes_give_the_same_tokens_as_no_cache(default_llm):
+    """Answer-first prompts (worked example shared by all; each passage shared by the prompts for its
+    answers; one passage with a single answer): computed once per group, no greedy token may change."""
+    llm = default_llm
+    ada = Passage("1", "Ada Lovelace", "Ada Lovelace was an English mathematician. In 1843 she published notes.")
+    nile = Passage("2", "Nile", "The Nile is a river in Africa, about 6,650 km long, flowing north through Egypt.")
+    paris = Passage("3", "Paris", "Paris is the capital of France.")
+    jobs = [(ada, "1843"), (ada, "English"), (nile, "Africa"), (nile, "Egypt"), (nile, "6,650"), (paris, "France")]
+    prompts = [llm.chat(answer_first_prompt(a, p), QA_PREFIX, history=(answer_first_example(),)) for p, a in jobs]
+    shared = len(shared_prefix(prompts))
+    assert [(first, end) for first, end, _ in prefix_groups([p[shared:] for p in prompts])] == [(0, 2), (2, 5)]
+    cached = llm.generate(prompts, 20)
+    assert cached == llm.generate(prompts, 20, share_prefix=False)
+    assert cached == [llm.generate([p], 20)[0] for p in prompts]
+
+
+def test_groups_without_a_prefix_shared_by_all(tiny_llm):
+    """Groups alone, no prefix common to every prompt: the same greedy tokens as no cache."""
+    long_a, long_b = list(range(100, 100 + 2 * MIN_SHARED_PREFIX)), list(range(300, 300 + MIN_SHARED_PREFIX))
+    prompts = [long_a + [1, 2], long_a + [3], [7, 8, 9], long_b + [4], long_b + [5, 6]]
+    assert shared_prefix(prompts) == [] and len(prefix_groups(prompts)) == 2
+    assert tiny_llm.generate(prompts, 12) == tiny_llm.generate(prompts, 12, share_prefix=False)
+    assert tiny_llm.generate(prompts, 12) == [tiny_llm.generate([p], 12)[0] for p in prompts]
 
 
 def test_decoding_loop_matches_hugging_face_greedy_generate(default_llm):

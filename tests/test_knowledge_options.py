@@ -134,7 +134,7 @@ def test_document_lm_trains_on_the_passage_and_its_rewrites(tokenizer):
 
 def test_answer_first_questions_can_be_required_to_name_the_subject():
     prompt = answer_first_prompt("1852", PASSAGE, name_subject=True)
-    assert 'must name "Ada Lovelace"' in prompt.split("\n\n")[0]
+    assert prompt.endswith('The question must name "Ada Lovelace".')
     assert "must name" not in answer_first_prompt("1852", PASSAGE)
     config, rejected, result = AugmentConfig(qa_style="answer_first", name_subject=True), Counter(), Augmentation("d1")
     _accept_question("When did she die?", "1852", PASSAGE, result, rejected, config)

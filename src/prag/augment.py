@@ -66,9 +66,11 @@ _EXAMPLE_FULL_ANSWERS = [
 ]
 
 
+# The passage comes first: the prompts for one passage's answers then share it, and generation computes
+# it once for all of them (`llm.prefix_groups`).
 ANSWER_FIRST_PROMPT = (
-    'Read the passage and write one question about it whose answer is "{answer}". '
-    "The question must not contain the answer.\n\nPassage:\n{passage}"
+    'Passage:\n{passage}\n\nWrite one question about the passage whose answer is "{answer}". '
+    "The question must not contain the answer."
 )
 _NOT_NAMES = set(
     "a an and as at after before but by during for from he her his in it its of on she that the their then there "
@@ -105,9 +107,8 @@ NAME_SUBJECT = ' The question must name "{title}".'
 
 def answer_first_prompt(answer: str, passage: Passage, name_subject: bool = False) -> str:
     prompt = ANSWER_FIRST_PROMPT.format(answer=answer, passage=passage.contents)
-    if name_subject and passage.title:  # the instruction goes before the passage, with the others
-        first, _, rest = prompt.partition("\n\n")
-        prompt = f"{first}{NAME_SUBJECT.format(title=passage.title)}\n\n{rest}"
+    if name_subject and passage.title:
+        prompt += NAME_SUBJECT.format(title=passage.title)
     return prompt
 
 

@@ -10,6 +10,7 @@ template and the tokens that end a reply are the model's own.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -241,10 +242,12 @@ class LLM:
         model (`lora.stack_padded`) leave with their rows. Sampling draws among the `top_k` most likely
         tokens only (`TopKSampler`); otherwise decoding is greedy. The leading tokens that all prompts
         share (chat header, instruction, worked example) are computed once, at batch size 1, and their
-        keys and values copied to every row (`share_prefix`; not when rows carry deltas of their own,
-        which give each row other keys and values): each row is laid out as shared prefix, then
-        padding, then the rest of its prompt, so the prefix has the same cache positions in every
-        row, and the attention mask skips the padding. Runs in the "generate" phase (`phase`).
+        keys and values copied to every row; so are the tokens that a run of consecutive prompts
+        shares beyond them (several questions asked about one passage that comes first: `prefix_groups`).
+        Not when rows carry deltas of their own, which give each row other keys and values, nor without
+        `share_prefix`. Each row is laid out as shared prefix, padding, its group's part, padding, the
+        rest of its prompt, so every shared token has the same cache column in the rows that share it;
+        the attention mask skips the padding. Runs in the "generate" phase (`phase`).
 
         `clock`, if given, receives `first_token` (seconds from the call to the first generated token:
         the prompt's cost), `new_tokens` (the most any row generated, end-of-sequence included) and
@@ -253,24 +256,35 @@ class LLM:
         start = time.perf_counter()
         with self.phase("generate"):
             deltas = lora.RowDeltas(self.model, len(prompts))
-            prefix = shared_prefix(prompts) if share_prefix and len(prompts) > 1 and not deltas else []
+            share = share_prefix and len(prompts) > 1 and not deltas
+            prefix = shared_prefix(prompts) if share else []
             if len(prefix) < MIN_SHARED_PREFIX:
                 prefix = []
             rests = [p[len(prefix) :] for p in prompts]
-            width = len(prefix) + max(len(r) for r in rests)
+            groups = prefix_groups(rests) if share else []
+            grouped = {row: length for first, end, length in groups for row in range(first, end)}
+            group_width = max((length for _, _, length in groups), default=0)
+            tails = [r[grouped.get(row, 0) :] for row, r in enumerate(rests)]
+            width = len(prefix) + group_width + max(len(t) for t in tails)
             input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
             attention = torch.zeros((len(prompts), width), dtype=torch.long)
             input_ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
             attention[:, : len(prefix)] = 1
-            for row, rest in enumerate(rests):
-                input_ids[row, width - len(rest) :] = torch.tensor(rest)
-                attention[row, width - len(rest) :] = 1
+            for row, (rest, tail) in enumerate(zip(rests, tails, strict=True)):
+                own = grouped.get(row, 0)  # the group's part, right-aligned before the tails' column
+                end = len(prefix) + group_width
+                input_ids[row, end - own : end] = torch.tensor(rest[:own], dtype=torch.long)
+                attention[row, end - own : end] = 1
+                input_ids[row, width - len(tail) :] = torch.tensor(tail)
+                attention[row, width - len(tail) :] = 1
             pick = TopKSampler(top_k, temperature, seed) if sample else _greedy
             try:
                 tokens, first = self._decode(
                     input_ids.to(self.device),
                     attention.to(self.device),
                     len(prefix),
+                    groups,
+                    group_width,
                     max_new_tokens,
                     pick,
                     stop,
@@ -289,24 +303,27 @@ class LLM:
         input_ids: torch.Tensor,
         attention: torch.Tensor,
         prefix_len: int,
+        groups: list[tuple[int, int, int]],
+        group_width: int,
         max_new_tokens: int,
         pick: Callable[[torch.Tensor], torch.Tensor],
         stop: Callable[[str], bool] | None,
         deltas: lora.RowDeltas,
     ) -> tuple[list[list[int]], float | None]:
-        """The decoding loop: the prompts (after the shared prefix) in one forward pass, then one token
+        """The decoding loop: the prompts (after the prefixes computed once) in one forward pass, then one token
         per step for the rows still going. Finished rows are dropped from the batch, the cache and the
         per-row deltas once a quarter of the rows are done (dropping copies the cache, so not at every
         finished row). Returns each row's tokens (up to its end token, included) and when the first came."""
         batch, width = input_ids.shape
         cache = _generation_cache(self.model.config, capacity=width + max_new_tokens)
-        if prefix_len:
-            self._fill_prefix(cache, input_ids[:1, :prefix_len], batch)
+        computed = prefix_len + group_width  # the columns whose keys and values are filled before the pass
+        if computed:
+            self._fill_prefixes(cache, input_ids, prefix_len, groups, group_width)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(
-            input_ids=input_ids[:, prefix_len:],
+            input_ids=input_ids[:, computed:],
             attention_mask=attention,
-            position_ids=positions[:, prefix_len:],
+            position_ids=positions[:, computed:],
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
@@ -349,13 +366,42 @@ class LLM:
             next_position = next_position + 1
         return generated, first
 
-    def _fill_prefix(self, cache: Cache, prefix: torch.Tensor, batch_size: int) -> None:
-        """Run the shared prefix (1, length) once and write its keys and values into every row of `cache`."""
+    def _fill_prefixes(
+        self, cache: Cache, input_ids: torch.Tensor, prefix_len: int, groups: list[tuple[int, int, int]], width: int
+    ) -> None:
+        """Compute the batch's shared prefix once (batch size 1), then each group's own part once on top of
+        it, and write their keys and values into the rows' cache: the prefix in the first `prefix_len`
+        columns of every row, a group's part right-aligned in the `width` columns after it (the rest of
+        those columns are padding the attention mask skips)."""
+        batch, computed = input_ids.shape[0], prefix_len + width
         once = DynamicCache(config=self.model.config)
-        self.model(input_ids=prefix, cache=once, use_cache=True, logits_to_keep=1)
-        for layer_idx, layer in enumerate(once.layers):
-            keys, values = (t.expand(batch_size, -1, -1, -1) for t in (layer.keys, layer.values))
-            cache.update(keys, values, layer_idx)
+        if prefix_len:
+            self.model(input_ids=input_ids[:1, :prefix_len], cache=once, use_cache=True, logits_to_keep=1)
+        parts = []
+        for first, end, length in groups:  # each group's part, read from its first row, on top of the prefix
+            part = copy.deepcopy(once)
+            self.model(
+                input_ids=input_ids[first : first + 1, computed - length : computed],
+                cache=part,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            parts.append((first, end, length, part))
+        sources = ([once] if prefix_len else []) + [part for *_, part in parts]
+        for layer_idx in range(len(sources[0].layers)):
+            filled = []
+            for name in ("keys", "values"):
+                like = getattr(sources[0].layers[layer_idx], name)
+                if not parts:  # one prefix for every row
+                    filled.append(like.expand(batch, -1, -1, -1))
+                    continue
+                rows = like.new_zeros(batch, like.shape[1], computed, like.shape[3])
+                if prefix_len:
+                    rows[:, :, :prefix_len] = getattr(once.layers[layer_idx], name)
+                for first, end, length, part in parts:
+                    rows[first:end, :, computed - length :] = getattr(part.layers[layer_idx], name)[:, :, prefix_len:]
+                filled.append(rows)
+            cache.update(*filled, layer_idx)
 
 
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -413,6 +459,24 @@ def shared_prefix(prompts: list[list[int]]) -> list[int]:
     while n < limit and all(p[n] == first[n] for p in prompts):
         n += 1
     return first[:n]
+
+
+def prefix_groups(prompts: list[list[int]]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive prompts that share at least MIN_SHARED_PREFIX leading tokens, as
+    (first row, end row, shared length): several prompts about one passage (the passage first, then
+    what differs), computed once per run. Each prompt keeps at least one token of its own."""
+    groups, first = [], 0
+    while first < len(prompts):
+        end, length = first + 1, 0
+        while end < len(prompts):
+            common = len(shared_prefix(prompts[first : end + 1]))
+            if common < MIN_SHARED_PREFIX:
+                break
+            end, length = end + 1, common
+        if end - first > 1:
+            groups.append((first, end, length))
+        first = end
+    return groups
 
 
 # Bump when a seed draws different tokens than before (the sampler changed): stored augmentations are keyed by
