@@ -3,6 +3,8 @@
 Each recipe is one `prag eval` directory per dataset (a pattern with {dataset}). The second recipe
 (`--b`, the candidate) must hold every mode; the first (`--a`, e.g. the paper's recipe) may hold only
 the parametric modes, since `closed` and `rag` do not depend on how documents are parameterized.
+Where a run also answered with unrelated documents' LoRAs (`prag-unrelated`, `combine-unrelated`), a
+third table gives right minus unrelated: what the documents' own parameters carry.
 Differences are means over questions of per-question F1 differences; the 95% interval is a paired
 bootstrap over questions (10,000 resamples), so it says how much the question sample alone could
 move the difference.
@@ -69,6 +71,13 @@ def compare(a: str, b: str, datasets: list[str]) -> dict[str, dict]:
                 "prag - rag": paired(rag, run_b["prag"]),
                 "combine - rag": paired(rag, run_b["combine"]),
             },
+            # what the documents' own LoRAs add over unrelated documents' LoRAs (where the controls ran)
+            "right_minus_unrelated": {
+                label: {
+                    m: paired(run[f"{m}-unrelated"], run[m]) for m in ("prag", "combine") if f"{m}-unrelated" in run
+                }
+                for label, run in (("a", run_a), ("b", run_b))
+            },
         }
     return out
 
@@ -90,6 +99,15 @@ def markdown(table: dict[str, dict], labels: tuple[str, str]) -> str:
     lines += ["", f"| dataset | {b}: prag - closed | prag - rag | combine - rag |", "|---|---|---|---|"]
     for dataset, r in table.items():
         lines.append(f"| {dataset} | " + " | ".join(fmt(d) for d in r["b_vs_baselines"].values()) + " |")
+    if any(any(r["right_minus_unrelated"].values()) for r in table.values()):
+        lines += [
+            "",
+            f"| dataset | prag right - unrelated, {a} | {b} | combine right - unrelated, {a} | {b} |",
+            "|---|---|---|---|---|",
+        ]
+        for dataset, r in table.items():
+            cells = [r["right_minus_unrelated"][side].get(m) for m in ("prag", "combine") for side in ("a", "b")]
+            lines.append(f"| {dataset} | " + " | ".join(fmt(c) if c else "" for c in cells) + " |")
     return "\n".join(lines)
 
 
