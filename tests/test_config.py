@@ -72,3 +72,17 @@ def test_a_new_sampler_keys_new_augmentations_and_adapters(tmp_path, monkeypatch
     after = Pipeline(tmp_path)
     assert str(before.augmentations.root) != str(after.augmentations.root)
     assert str(before.adapters.root) != str(after.adapters.root)
+
+
+def test_a_new_answer_first_version_keys_only_answer_first_stores(tmp_path, monkeypatch):
+    import prag.pipeline
+
+    answer_first = Config()
+    answer_first.augment.qa_style = "answer_first"
+    before = [Pipeline(tmp_path), Pipeline(tmp_path, answer_first)]
+    monkeypatch.setattr(prag.pipeline, "ANSWER_FIRST_VERSION", prag.pipeline.ANSWER_FIRST_VERSION + 1)
+    after = [Pipeline(tmp_path), Pipeline(tmp_path, answer_first)]
+    assert str(before[0].augmentations.root) == str(after[0].augmentations.root)  # free-form pairs: unchanged
+    assert str(before[0].adapters.root) == str(after[0].adapters.root)
+    assert str(before[1].augmentations.root) != str(after[1].augmentations.root)
+    assert str(before[1].adapters.root) != str(after[1].adapters.root)

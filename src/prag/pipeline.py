@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from . import lora
 from . import translator as dyprag
 from .atomic import atomic_write, atomic_write_text
-from .augment import augment
+from .augment import ANSWER_FIRST_VERSION, augment
 from .config import Config
 from .corpus import Passage, read_corpus
 from .llm import LLM, SAMPLER_VERSION
@@ -107,13 +107,15 @@ class Pipeline:
         cfg = self.config
         self.format = AnswerFormat.from_config(cfg.answer)
         model_key = cfg.model.name.replace("/", "_").strip("_.") or "model"
-        # the sampler's version: a seed's augmentations depend on the code that drew them, not on the config alone
-        augment_key = f"{model_key}-{cfg.key('model', 'augment')}-s{SAMPLER_VERSION}"
+        # a seed's augmentations depend on the code that drew them, not on the config alone: the sampler's
+        # version, and for answer-first the version of its prompt and span choice
+        drawn = f"s{SAMPLER_VERSION}" + (f"a{ANSWER_FIRST_VERSION}" if cfg.augment.qa_style == "answer_first" else "")
+        augment_key = f"{model_key}-{cfg.key('model', 'augment')}-{drawn}"
         self.augmentations = AugmentationStore(join(self.store, "augment", augment_key))
         keyed = Config.from_dict(cfg.to_dict())
         if keyed.answer.style == "direct":  # few-shot examples only shape chain-of-thought training sequences
             keyed.answer.fewshot = ""
-        adapter_key = f"{model_key}-{keyed.key('model', 'augment', 'lora', 'train', 'answer')}-s{SAMPLER_VERSION}"
+        adapter_key = f"{model_key}-{keyed.key('model', 'augment', 'lora', 'train', 'answer')}-{drawn}"
         for kind in ("init", "base"):  # the warm-up/format adapter's contents, not just its path, decide training
             path = getattr(cfg.lora, kind)
             if path:
