@@ -71,6 +71,10 @@ def compare(a: str, b: str, datasets: list[str]) -> dict[str, dict]:
                 "prag - rag": paired(rag, run_b["prag"]),
                 "combine - rag": paired(rag, run_b["combine"]),
             },
+            "unrelated": {
+                label: {m: mean(run[f"{m}-unrelated"]) for m in ("prag", "combine") if f"{m}-unrelated" in run}
+                for label, run in (("a", run_a), ("b", run_b))
+            },
             # what the documents' own LoRAs add over unrelated documents' LoRAs (where the controls ran)
             "right_minus_unrelated": {
                 label: {
@@ -115,21 +119,26 @@ def plot(table: dict[str, dict], labels: tuple[str, str], path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4 * len(table), 3.6))
+    fig = Figure(figsize=(6 * len(table), 4))
     FigureCanvasAgg(fig)
     for i, (dataset, r) in enumerate(table.items()):
         ax = fig.add_subplot(1, len(table), i + 1)
-        names = [
-            "closed",
-            "rag",
-            f"prag\n{labels[0]}",
-            f"prag\n{labels[1]}",
-            f"combine\n{labels[0]}",
-            f"combine\n{labels[1]}",
-        ]
-        values = [r["closed"], r["rag"], r["a"]["prag"], r["b"]["prag"], r["a"]["combine"], r["b"]["combine"]]
-        ax.bar(range(6), values, color=["0.6", "0.3", "C0", "C1", "C0", "C1"])
-        ax.set_xticks(range(6), names, fontsize=7)
+        names, values, colors, hatches = ["closed", "rag"], [r["closed"], r["rag"]], ["0.6", "0.3"], ["", ""]
+        for mode in ("prag", "combine"):
+            for side, color in (("a", "C0"), ("b", "C1")):
+                names.append(f"{mode}\n{labels[side == 'b']}")
+                values.append(r[side][mode])
+                colors.append(color)
+                hatches.append("")
+                if mode in r["unrelated"][side]:  # the same recipe with unrelated documents' LoRAs
+                    names.append(f"{mode}\n{labels[side == 'b']}\nunrelated")
+                    values.append(r["unrelated"][side][mode])
+                    colors.append("white")
+                    hatches.append("///")
+        bars = ax.bar(range(len(values)), values, color=colors, edgecolor="0.2")
+        for bar, hatch in zip(bars, hatches, strict=True):
+            bar.set_hatch(hatch)
+        ax.set_xticks(range(len(values)), names, fontsize=6)
         ax.set_title(f"{dataset} (n={r['n']})")
         ax.set_ylabel("token F1")
     fig.tight_layout()
