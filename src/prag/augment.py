@@ -68,7 +68,8 @@ _EXAMPLE_FULL_ANSWERS = [
 
 # Bump when the answer-first prompt or the choice of spans changes: stored answer-first augmentations (and
 # the adapters trained on them) are keyed by it, so a store never mixes the old questions with the new.
-ANSWER_FIRST_VERSION = 2
+# 2: the passage first in the prompt; 3: spans of what the subject is, whole dates, no single digits.
+ANSWER_FIRST_VERSION = 3
 # The passage comes first: the prompts for one passage's answers then share it, and generation computes
 # it once for all of them (`llm.prefix_groups`).
 ANSWER_FIRST_PROMPT = (
