@@ -44,6 +44,22 @@ def test_answer_spans_are_names_years_and_numbers_but_not_the_title():
     assert all(is_grounded(s, PASSAGE) for s in spans)
 
 
+def test_answer_spans_include_what_the_subject_is_and_whole_dates():
+    singer = Passage(
+        "d2",
+        "Laura Marling",
+        "Laura Beatrice Marling (born 1 February 1990) is an English folk singer-songwriter and musician from "
+        "Eversley, Hampshire. She has released 2 albums and toured 14 countries.",
+    )
+    spans = answer_spans(singer)
+    assert spans[0] == "folk singer-songwriter"  # what PopQA asks (occupation), first; no nationality
+    assert "1 February 1990" in spans and "1990" not in spans  # a date whole, not its year alone
+    assert "Eversley" in spans and "14" in spans
+    assert "2" not in spans and "1" not in spans  # single digits are rarely what a question is about
+    assert answer_spans(PASSAGE)[0] == "mathematician"
+    assert all(is_grounded(s, singer) for s in spans)
+
+
 def test_answer_first_augmentation_with_the_real_model(default_llm):
     config = AugmentConfig(qa_style="answer_first", rewrites=0, qa_pairs=2, attempts=2)
     [aug] = augment(default_llm, [PASSAGE], config, show_progress=False)

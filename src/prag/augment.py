@@ -9,7 +9,7 @@ answer does not occur in the passage are used only when nothing better came in
 quality can be inspected (`prag stats`).
 
 With `qa_style = "answer_first"` the answers are chosen first, from the passage
-itself (years, numbers, capitalised names other than the title), and the model
+itself (what its subject is, names other than the title, dates, numbers), and the model
 only writes a question for each: every answer is then grounded and short, and
 questions are about the passage's facts rather than its subject's name.
 """
@@ -68,7 +68,8 @@ _EXAMPLE_FULL_ANSWERS = [
 
 # Bump when the answer-first prompt or the choice of spans changes: stored answer-first augmentations (and
 # the adapters trained on them) are keyed by it, so a store never mixes the old questions with the new.
-ANSWER_FIRST_VERSION = 2
+# 2: the passage first in the prompt; 3: spans of what the subject is, whole dates, no single digits.
+ANSWER_FIRST_VERSION = 3
 # The passage comes first: the prompts for one passage's answers then share it, and generation computes
 # it once for all of them (`llm.prefix_groups`).
 ANSWER_FIRST_PROMPT = (
@@ -81,27 +82,52 @@ _NOT_NAMES = set(
 )
 
 
+_MONTH = "January|February|March|April|May|June|July|August|September|October|November|December"
+# (kind, pattern), in the order they claim the passage's text: a date before the month name or number in it
+_SPAN_PATTERNS = (
+    ("date", rf"\b(?:\d{{1,2}}\s+)?(?:{_MONTH})(?:\s+\d{{1,2}},?)?\s+\d{{4}}\b|\b1\d{{3}}\b|\b20\d{{2}}\b"),
+    # what the subject is ("was an English mathematician" -> "mathematician"): an occupation, a genre, a kind
+    ("description", r"\b(?:is|was|are|were)\s+(?:an?|the)\s+([^,.;:()\"]+)"),
+    ("name", r"\b[A-Z][\w'\-]*(?:\s+(?:of\s+|the\s+|de\s+)?[A-Z][\w'\-]*)*"),
+    ("number", r"\b\d[\d,.]*\b"),
+)
+_KIND_ORDER = ("description", "name", "date", "number")  # how the kinds take turns in the result
+# where a description stops: a relative clause, a place, a time or a second description follows
+_DESCRIPTION_END = re.compile(
+    r"\s+(?:who|which|that|from|in|of|for|with|and|or|born|based|known|best|by|on|at|as|to|during|after|before|"
+    r"between|under|\w+ed)\b.*",
+    re.S,
+)
+
+
 def answer_spans(passage: Passage) -> list[str]:
-    """Short answers taken from the passage for answer-first QA: names, years and other numbers, in
-    turn (varied questions), each once, never the title's own words."""
+    """Short answers taken from the passage for answer-first QA, what the benchmarks ask about: what the
+    subject is (occupation, genre, kind), names, dates and other numbers, in turn (varied questions),
+    each once, never overlapping one another, never the title's own words, no single digits."""
     title = set(_words(passage.title))
-    kinds: list[list[str]] = [[], [], []]
-    patterns = (
-        r"\b[A-Z][\w'\-]*(?:\s+(?:of\s+|the\s+|de\s+)?[A-Z][\w'\-]*)*",
-        r"\b1\d{3}\b|\b20\d{2}\b",
-        r"\b\d[\d,.]*\b",
-    )
-    for kind, pattern in zip(kinds, patterns, strict=True):
+    kinds: dict[str, list[str]] = {kind: [] for kind in _KIND_ORDER}
+    taken: list[tuple[int, int]] = []  # character ranges already claimed by a span
+    for kind, pattern in _SPAN_PATTERNS:
         for match in re.finditer(pattern, passage.text):
-            span = match.group(0).strip().rstrip(".,")
-            words = _words(span)
-            if not words or set(words) <= title or (len(words) == 1 and words[0] in _NOT_NAMES):
+            group = match.lastindex or 0
+            span, start = match.group(group), match.start(group)
+            if kind == "description":  # the description's head: no relative clause, no leading nationality
+                span = _DESCRIPTION_END.sub("", span)
+            words = span.split()
+            while words and (words[0].lower() in _NOT_NAMES or (kind == "description" and words[0][0].isupper())):
+                start += len(words[0]) + 1  # a leading "The", "On", or a nationality before the description
+                words = words[1:]
+            span = " ".join(words[-4:] if kind == "description" else words).rstrip(".,")
+            end = start + len(" ".join(words))
+            if not _words(span) or set(_words(span)) <= title or (span.isdigit() and len(span) == 1):
                 continue
-            if span not in kind and all(span not in other for other in kinds):
-                kind.append(span)
+            if any(start < e and s < end for s, e in taken) or span in kinds[kind]:
+                continue
+            taken.append((start, end))
+            kinds[kind].append(span)
     spans = []
-    for i in range(max(map(len, kinds))):
-        spans += [kind[i] for kind in kinds if i < len(kind)]
+    for i in range(max(map(len, kinds.values()))):
+        spans += [kinds[kind][i] for kind in _KIND_ORDER if i < len(kinds[kind])]
     return spans
 
 

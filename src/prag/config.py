@@ -104,8 +104,8 @@ class TrainConfig:
 class AugmentConfig:
     rewrites: int = 1
     qa_pairs: int = 3
-    # "free": the model writes question/answer pairs (reference). "answer_first": answer spans are picked
-    # from the passage (names, dates, numbers; not the title) and the model writes a question for each.
+    # "free": the model writes question/answer pairs (reference). "answer_first": answer spans are picked from
+    # the passage (what the subject is, names, dates, numbers; not the title); the model writes a question for each.
     qa_style: str = "free"
     # each QA pair also gets a one-sentence answer ("full_answer"), what chain-of-thought training replies with
     full_answers: bool = False
