@@ -270,9 +270,9 @@ class LLM:
             attention = torch.zeros((len(prompts), width), dtype=torch.long)
             input_ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
             attention[:, : len(prefix)] = 1
+            end = len(prefix) + group_width  # groups' parts end here, right-aligned; the tails start here
             for row, (rest, tail) in enumerate(zip(rests, tails, strict=True)):
-                own = grouped.get(row, 0)  # the group's part, right-aligned before the tails' column
-                end = len(prefix) + group_width
+                own = grouped.get(row, 0)
                 input_ids[row, end - own : end] = torch.tensor(rest[:own], dtype=torch.long)
                 attention[row, end - own : end] = 1
                 input_ids[row, width - len(tail) :] = torch.tensor(tail)
@@ -387,17 +387,16 @@ class LLM:
                 logits_to_keep=1,
             )
             parts.append((first, end, length, part))
-        sources = ([once] if prefix_len else []) + [part for *_, part in parts]
-        for layer_idx in range(len(sources[0].layers)):
+        source = parts[0][3] if parts else once  # every group's part holds the prefix's keys and values too
+        for layer_idx, layer in enumerate(source.layers):
             filled = []
             for name in ("keys", "values"):
-                like = getattr(sources[0].layers[layer_idx], name)
+                held = getattr(layer, name)
                 if not parts:  # one prefix for every row
-                    filled.append(like.expand(batch, -1, -1, -1))
+                    filled.append(held.expand(batch, -1, -1, -1))
                     continue
-                rows = like.new_zeros(batch, like.shape[1], computed, like.shape[3])
-                if prefix_len:
-                    rows[:, :, :prefix_len] = getattr(once.layers[layer_idx], name)
+                rows = held.new_zeros(batch, held.shape[1], computed, held.shape[3])
+                rows[:, :, :prefix_len] = held[:, :, :prefix_len]
                 for first, end, length, part in parts:
                     rows[first:end, :, computed - length :] = getattr(part.layers[layer_idx], name)[:, :, prefix_len:]
                 filled.append(rows)
