@@ -31,6 +31,21 @@ def test_keys_ignore_fields_that_do_not_change_what_is_stored():
     assert a.key("train", "answer") != b.key("train", "answer")
 
 
+def test_a_field_added_later_keys_only_when_changed():
+    """`train.qa_context` at its default keeps the key stores had before the field existed."""
+    import hashlib
+
+    from prag.config import NOT_KEYED
+
+    values = {k: v for k, v in Config().to_dict()["train"].items() if f"train.{k}" not in NOT_KEYED}
+    del values["qa_context"]
+    before = hashlib.sha256(json.dumps({"train": values}, sort_keys=True).encode()).hexdigest()[:12]
+    config = Config()
+    assert config.key("train") == before
+    config.set("train.qa_context", "none")
+    assert config.key("train") != before
+
+
 @pytest.mark.parametrize(
     "dotted, value, message",
     [

@@ -132,6 +132,24 @@ def test_document_lm_trains_on_the_passage_and_its_rewrites(tokenizer):
         assert tokenizer.decode(seq.input_ids) == text and seq.labels == seq.input_ids
 
 
+@pytest.mark.parametrize(
+    "qa_context, alone, with_text",
+    [("reference", [2], [0, 1]), ("none", [0, 1, 2], []), ("both", [0, 1, 2], [0, 1])],
+)
+def test_qa_context_decides_which_pairs_are_trained_without_the_passage(tokenizer, qa_context, alone, with_text):
+    llm, fmt = _llm(tokenizer), AnswerFormat()
+    qa = [{"question": f"Question {i}?", "answer": f"answer {i}"} for i in range(3)]
+    aug = Augmentation("d1", rewrites=AUG.rewrites, qa=qa)
+    seqs = training_sequences(llm, PASSAGE, aug, TrainConfig(qa_context=qa_context), fmt)
+    texts = [tokenizer.decode(s.input_ids) for s in seqs]
+    asked = lambda i: [t for t in texts if f"Question {i}?" in t]  # noqa: E731
+    for i in range(3):
+        shown = [t for t in asked(i) if "mathematician" in t]  # the passage or the rewrite in the prompt
+        assert len(asked(i)) - len(shown) == (i in alone)
+        assert len(shown) == (2 if i in with_text else 0)  # with the passage, and with the one rewrite
+    assert len(seqs) == len(alone) + 2 * len(with_text)
+
+
 def test_answer_first_questions_can_be_required_to_name_the_subject():
     prompt = answer_first_prompt("1852", PASSAGE, name_subject=True)
     assert prompt.endswith('The question must name "Ada Lovelace".')

@@ -150,6 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="questions of a mode answered in one batched generation (faster; latencies are then per batch)",
     )
 
+    p = commands.add_parser(
+        "recall",
+        help="does each document's LoRA answer the questions it was trained on? (own vs another's LoRA)",
+        description="Ask every document's own generated questions without the passage, with its own LoRA, another "
+        "document's LoRA, no LoRA, and with the passage in the prompt instead; the documents are the top-k "
+        "retrieved for some questions (parameterized first where missing). Own minus other is what a LoRA stores "
+        "about its document. Reads the TUNE slice by default.",
+    )
+    _common(p)
+    p.add_argument("--dataset", required=True, help="questions whose retrieved documents to probe, FlashRAG JSONL")
+    p.add_argument("--slice", default="tune", choices=SLICES, help="tune (default): questions 100 on; all: the file")
+    p.add_argument("--offset", type=int, default=0, help="questions skipped, counted within the slice")
+    p.add_argument("--limit", type=int, default=None, help="questions, counted within the slice")
+    p.add_argument("--top-k", type=int, default=None, help="passages per question (default: answer.top_k)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions answered in one batched generation")
+    p.add_argument(
+        "--conditions",
+        default="own,other,none,passage",
+        help="what to ask with, comma-separated: own (its LoRA), other (another document's LoRA), none (no LoRA), "
+        "passage (no LoRA, the passage in the prompt); own is always asked",
+    )
+    p.add_argument("--out", help="write the summary and every answer to this JSON file")
+
     p = commands.add_parser("export", help="write documents' LoRA (merged if several) as a PEFT adapter directory")
     _common(p)
     p.add_argument("doc_ids", nargs="+")
@@ -371,6 +394,30 @@ def cmd_eval(pipeline: Pipeline, args) -> int:
     return 0
 
 
+def cmd_recall(pipeline: Pipeline, args) -> int:
+    from .atomic import atomic_write_text
+    from .evaluate import load_questions
+    from .recall import recall_rows, summarize, summary_table
+
+    questions = load_questions(args.dataset, limit=args.limit, offset=args.offset, slice=args.slice)
+    if not questions:
+        raise ValueError(f"{args.dataset}: no questions in slice {args.slice!r} at offset {args.offset}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: {args.batch_size} is out of range, expected 1 or more")
+    passages = list({p.id: p for q in questions for p in pipeline.retrieve(q.question, args.top_k)}.values())
+    conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
+    rows = recall_rows(pipeline, passages, args.batch_size, not args.quiet, conditions)
+    summary = summarize(rows)
+    print(f"F1 against each document's generated answers, {len(passages)} documents of {len(questions)} questions:")
+    print(summary_table(summary))
+    if args.out:
+        record = {"dataset": args.dataset, "question_ids": [q.id for q in questions], "summary": summary}
+        record.update(config=pipeline.config.to_dict(), rows=rows)
+        atomic_write_text(Path(args.out), json.dumps(record, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def answers_table(records: list[dict], modes: list[str]) -> str:
     by_question: dict[str, dict[str, dict]] = {}
     for r in records:
@@ -472,6 +519,7 @@ COMMANDS = {
     "warmup": cmd_warmup,
     "translator": cmd_translator,
     "eval": cmd_eval,
+    "recall": cmd_recall,
     "export": cmd_export,
     "stats": cmd_stats,
     "serve": cmd_serve,

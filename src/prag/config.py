@@ -31,11 +31,15 @@ NOT_KEYED = {
     "answer.lora_scale",
     "translator.checkpoint_every",
 }
+# Fields added after stores existed: keyed only when they differ from their default, so that what was
+# stored before they existed (built as their default builds) is still found.
+KEYED_IF_CHANGED = {"train.qa_context"}
 # Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
 CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "train.objective": ("lm", "distill"),
     "train.loss_on": ("answer", "all", "grounded"),
+    "train.qa_context": ("reference", "none", "both"),
     "train.store_dtype": ("bfloat16", "float16", "float32"),
     "train.compile": ("auto", "on", "off"),
     "augment.qa_style": ("free", "answer_first"),
@@ -91,6 +95,11 @@ class TrainConfig:
     # also train on the passage and each rewrite as plain text (next-token loss on every token), the way
     # continued pretraining stores facts
     document_lm: bool = False
+    # what the QA pairs are trained with in the prompt: "reference" (the first half of the pairs with the
+    # passage and with each rewrite, the rest with the question alone), "none" (every pair with the question
+    # alone: the answer can only come from the parameters, as in `prag` mode), or "both" (the reference's
+    # sequences, and every pair alone as well)
+    qa_context: str = "reference"
     docs_per_batch: int = 16  # documents trained together in one forward/backward pass...
     max_tokens_per_step: int = 8192  # ...as long as their padded sequences stay within this many tokens
     # torch.compile the decoder layers while training (fuses the work around the matmuls, ~1.2x on a
@@ -231,10 +240,14 @@ class Config:
 
         NOT_KEYED fields are left out, so that e.g. a bigger batch reuses what a smaller one stored.
         """
-        payload = {}
+        payload, defaults = {}, Config().to_dict()
         for name in sections:
             values = dataclasses.asdict(getattr(self, name))
-            payload[name] = {k: v for k, v in values.items() if f"{name}.{k}" not in NOT_KEYED}
+            payload[name] = {
+                k: v
+                for k, v in values.items()
+                if f"{name}.{k}" not in NOT_KEYED and not (f"{name}.{k}" in KEYED_IF_CHANGED and v == defaults[name][k])
+            }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -58,7 +58,8 @@ def training_sequences(
     llm: LLM, passage: Passage, augmentation: Augmentation, train: TrainConfig, fmt: AnswerFormat
 ) -> list[Sequence]:
     """The reference's layout: the first half of the QA pairs with the passage and with each rewrite
-    in the prompt, the rest with the question alone; the reply is the format's (`AnswerFormat.reply`).
+    in the prompt, the rest with the question alone (`train.qa_context` changes that); the reply is the
+    format's (`AnswerFormat.reply`).
 
     For distillation: every QA pair once, the question alone for the student and with the passage
     for the teacher, the reply (the generated answer) being where the two distributions are compared.
@@ -75,14 +76,14 @@ def training_sequences(
             sequences.append(Sequence(student + reply, _labels(student, reply, "answer"), teacher))
         return [s for s in sequences if _trainable(s, train.max_length)]
     texts = [passage.contents] + augmentation.rewrites
-    with_passage = (len(augmentation.qa) + 1) // 2
     sequences = []
     if train.document_lm:  # the passage and its rewrites as plain text, every token a label
         for text in texts:
             ids = llm.tokenizer.encode(text, add_special_tokens=False)[: train.max_length]
             sequences.append(Sequence(ids, list(ids)))
     for i, qa in enumerate(augmentation.qa):
-        contexts = [[t] for t in texts] if i < with_passage else [[]]
+        in_context, alone = qa_layout(i, len(augmentation.qa), train)
+        contexts = ([[t] for t in texts] if in_context else []) + ([[]] if alone else [])
         reply = _reply_ids(llm, fmt, qa)
         if train.loss_on == "grounded":
             reply_labels = _grounded(llm, reply, passage.contents)
@@ -92,6 +93,12 @@ def training_sequences(
             labels = [IGNORE] * len(prompt) + reply_labels if train.loss_on == "grounded" else None
             sequences.append(Sequence(ids, (labels or _labels(prompt, reply, train.loss_on))[: len(ids)]))
     return [s for s in sequences if _trainable(s, train.max_length)]
+
+
+def qa_layout(i: int, pairs: int, train: TrainConfig) -> tuple[bool, bool]:
+    """Whether QA pair i of `pairs` is trained with the passage (and each rewrite) in the prompt, and alone."""
+    first_half = i < (pairs + 1) // 2
+    return first_half and train.qa_context != "none", not first_half or train.qa_context != "reference"
 
 
 def _grounded(llm: LLM, reply: list[int], source: str) -> list[int]:

@@ -416,10 +416,13 @@ class Pipeline:
         lora_passages: list[Passage] | None = None,
         build: bool = True,
         show_progress: bool = False,
+        passages: list[Passage] | None = None,
     ) -> Prepared:
         """Everything before generation: retrieval, the documents whose LoRAs to merge, their merged
         adapter, and the prompt. `build=False` parameterizes nothing: documents without a stored
-        adapter are left out of the merge and listed in `missing` (a service builds them elsewhere)."""
+        adapter are left out of the merge and listed in `missing` (a service builds them elsewhere).
+        `passages` answers with these documents instead of retrieving (`prag recall` asks a document's
+        own questions with its own passage or LoRA)."""
         k = check_question(question, top_k, self.config.answer.top_k)
         if mode not in ALL_MODES:
             raise ValueError(f"mode: unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
@@ -427,11 +430,12 @@ class Pipeline:
             self.translator  # noqa: B018  (no translator: the error that names the command to train one, at once)
         timings: dict[str, float] = {}
         hits = []
-        if mode != "closed":
+        if mode != "closed" and passages is None:
             t = time.perf_counter()
             hits = self.retriever.search(question, k)
             timings["retrieval"] = time.perf_counter() - t
-        passages = [hit.passage for hit in hits]
+        if mode == "closed" or passages is None:
+            passages = [hit.passage for hit in hits]
         if mode in CONTROLS:
             merged_from = lora_passages if lora_passages is not None else self.unrelated_passages(question, passages, k)
         else:

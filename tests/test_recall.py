@@ -1,0 +1,61 @@
+"""`prag recall`: each document's own generated questions, asked with its own LoRA and with another's
+(a tiny random model trained hard enough to memorize: no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prag import Config, Pipeline
+from prag.augment import Augmentation
+from prag.recall import recall_rows, summarize, summary_table
+
+DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
+ANSWERS = ["zebra crossing", "purple mountain"]
+
+
+def test_a_lora_that_memorized_its_document_answers_its_questions_and_another_does_not(tiny_llm, tmp_path):
+    config = Config()
+    for key, value in {"train.qa_context": "none", "train.lr": "1e-2", "train.epochs": "60"}.items():
+        config.set(key, value)
+    pipeline = Pipeline(tmp_path / "home", config, llm=tiny_llm)
+    pipeline.index(DEMO / "corpus.jsonl", show_progress=False)
+    docs = list(pipeline.retriever.passages)[:2]
+    for doc, answer in zip(docs, ANSWERS, strict=True):  # the same question, a different answer per document
+        pipeline.augmentations.put(Augmentation(doc.id, [], [{"question": "What is the secret?", "answer": answer}]))
+
+    rows = recall_rows(pipeline, docs, batch_size=3, show_progress=False)
+    assert all(pipeline.adapters.has(d.id) for d in docs)  # trained first, from the stored augmentations
+    assert {r["condition"] for r in rows} == {"own", "other", "none", "passage"} and len(rows) == 8
+    assert all(r["trained_alone"] for r in rows)  # qa_context=none: every pair without the passage
+    by = {(r["doc_id"], r["condition"]): r for r in rows}
+    for i, doc in enumerate(docs):
+        assert by[doc.id, "own"]["f1"] == 1.0, by[doc.id, "own"]["prediction"]
+        assert by[doc.id, "other"]["lora_doc"] == docs[1 - i].id and by[doc.id, "other"]["f1"] == 0.0
+    summary = summarize(rows)
+    assert summary["all"]["own"]["f1"] == 1.0 and summary["all"]["own - other"]["diff"] == 1.0
+    assert "trained with the passage only" not in summary
+    assert "| all | 2 | 1.000 | 0.000 |" in summary_table(summary)
+
+    only = recall_rows(pipeline, docs, show_progress=False, conditions=("other",))
+    assert {r["condition"] for r in only} == {"own", "other"}  # own is always asked
+    assert "| all | 2 | 1.000 | 0.000 |  |  |" in summary_table(summarize(only))
+    with pytest.raises(ValueError, match="unknown \\['mine'\\]"):
+        recall_rows(pipeline, docs, conditions=("mine",))
+    with pytest.raises(ValueError, match="at least two documents"):
+        recall_rows(pipeline, docs[:1])
+
+
+def test_recall_splits_pairs_by_how_they_were_trained(tiny_llm, tmp_path):
+    pipeline = Pipeline(tmp_path / "home", Config(), llm=tiny_llm)  # the reference layout
+    pipeline.index(DEMO / "corpus.jsonl", show_progress=False)
+    docs = list(pipeline.retriever.passages)[:2]
+    qa = [{"question": f"Question {i}?", "answer": f"answer {i}"} for i in range(3)]
+    for doc in docs:
+        pipeline.augmentations.put(Augmentation(doc.id, [], qa))
+    rows = recall_rows(pipeline, docs, batch_size=8, show_progress=False, conditions=("own", "other"))
+    alone = {r["question"] for r in rows if r["trained_alone"]}
+    assert alone == {"Question 2?"}  # the first half of the pairs was trained with the passage only
+    summary = summarize(rows)
+    assert summary["trained alone"]["pairs"] == 2 and summary["trained with the passage only"]["pairs"] == 4
