@@ -64,6 +64,25 @@ def test_a_bad_value_names_the_field_and_leaves_the_config_unchanged(dotted, val
     assert config == Config()
 
 
+@pytest.mark.parametrize(
+    "dotted, value, message",
+    [
+        ("train.epochs", "0", "bad value 0 for train.epochs: a whole number, at least 1"),
+        ("augment.rewrites", "-1", "bad value -1 for augment.rewrites: a whole number, at least 0"),
+        ("lora.rank", "0", "bad value 0 for lora.rank"),
+        ("train.lr", "0", "bad value 0.0 for train.lr: must be above 0"),
+    ],
+)
+def test_a_count_below_its_least_value_is_refused_when_the_config_is_checked(dotted, value, message):
+    config = Config()
+    config.set(dotted, value)
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+    fine = Config()
+    fine.set("augment.rewrites", "0")  # no rewrite is a recipe (with train.qa_context=none nothing reads it)
+    assert fine.validate() is fine
+
+
 def test_bad_value_in_a_config_file_is_refused_before_anything_runs(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"train": {"objective": "distil"}}))

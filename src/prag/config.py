@@ -48,6 +48,16 @@ CHOICES = {
     "answer.merge": ("sum", "mean"),
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Counts with a least sensible value: below it a run would do nothing, or fail deep inside.
+AT_LEAST = {
+    "lora.rank": 1,
+    "train.epochs": 1,
+    "augment.rewrites": 0,
+    "augment.qa_pairs": 1,
+    "augment.attempts": 1,
+    "answer.top_k": 1,
+    "answer.max_new_tokens": 1,
+}
 
 
 @dataclass
@@ -230,6 +240,13 @@ class Config:
         for dotted in CHOICES:
             section, _, key = dotted.partition(".")
             _check_choice(dotted, getattr(getattr(self, section), key))
+        for dotted, least in AT_LEAST.items():
+            section, _, key = dotted.partition(".")
+            value = getattr(getattr(self, section), key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"bad value {value!r} for {dotted}: a whole number, at least {least}")
+        if not self.train.lr > 0:
+            raise ValueError(f"bad value {self.train.lr!r} for train.lr: must be above 0")
         threads = self.model.threads
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise ValueError(f"bad value {threads!r} for model.threads: a number of threads, or 0 to choose per phase")
