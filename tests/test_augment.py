@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prag.augment import _rewrite_done, answer_spans, augment, is_grounded, parse_qa, rewrite_body
+from prag.augment import _rewrite_done, answer_spans, augment, is_grounded, parse_qa, rewrite_body, roundtrip_passes
 from prag.config import AugmentConfig
 from prag.corpus import Passage
 
@@ -68,6 +68,26 @@ def test_answer_first_augmentation_with_the_real_model(default_llm):
     for qa in aug.qa:
         assert qa["answer"] in spans  # the answer was chosen from the passage, not generated
         assert qa["question"].endswith("?") and len(qa["question"].split()) >= 3
+
+
+def test_the_round_trip_keeps_a_question_that_asks_for_its_answer(default_llm):
+    pairs = [
+        (PASSAGE, {"question": "In what year did Ada Lovelace publish her notes?", "answer": "1843"}),
+        (PASSAGE, {"question": "Who designed the Analytical Engine?", "answer": "1843"}),  # asks for another fact
+    ]
+    assert roundtrip_passes(default_llm, pairs) == [True, False]
+
+
+def test_round_trip_augmentation_keeps_only_what_passes_of_the_same_pairs(default_llm):
+    """The same seed draws the same pairs with and without the check: with it, those kept are among them and
+    every other one is counted as not_roundtrip."""
+    plain = AugmentConfig(rewrites=0, qa_pairs=4, attempts=1)
+    checked = AugmentConfig(rewrites=0, qa_pairs=4, attempts=1, roundtrip=True)
+    [drawn] = augment(default_llm, [PASSAGE], plain, show_progress=False)
+    [kept] = augment(default_llm, [PASSAGE], checked, show_progress=False)
+    assert drawn.qa and all(qa in drawn.qa for qa in kept.qa)
+    assert len(kept.qa) + kept.rejected.get("not_roundtrip", 0) == len(drawn.qa)
+    assert "not_roundtrip" not in drawn.rejected
 
 
 def test_parse_qa_with_full_answers():

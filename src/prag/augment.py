@@ -8,6 +8,10 @@ answer does not occur in the passage are used only when nothing better came in
 `attempts` rounds. Every rejection is counted by reason so that augmentation
 quality can be inspected (`prag stats`).
 
+With `roundtrip`, a pair is kept only if the model, reading the passage, answers the pair's question
+with the pair's answer (round-trip consistency): a small model often writes a question that does not
+ask for the answer beside it, and training on such a pair teaches the LoRA nothing about the passage.
+
 With `qa_style = "answer_first"` the answers are chosen first, from the passage
 itself (what its subject is, names other than the title, dates, numbers), and the model
 only writes a question for each: every answer is then grounded and short, and
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import AugmentConfig
 from .corpus import Passage
+from .evaluate import token_f1
 from .llm import LLM
 
 REWRITE_PROMPT = (
@@ -44,6 +49,11 @@ QA_FULL_PROMPT = (
     "Full answer: <one sentence>"
 )
 QA_PREFIX = "Question:"
+# The round-trip check reads the passage first, so one passage's questions share it (`llm.prefix_groups`).
+ROUNDTRIP_PROMPT = "Passage:\n{passage}\n\nAnswer in a few words copied from the passage.\nQuestion: {question}"
+ROUNDTRIP_PREFIX = "Answer:"
+ROUNDTRIP_TOKENS = 16
+ROUNDTRIP_MIN_F1 = 0.5  # the reading answer's token F1 against the pair's answer
 # One worked example turn: small models copy a shown format far more reliably than a described one.
 _EXAMPLE_PASSAGE = (
     "Marie Curie\nMarie Curie was a Polish-born physicist and chemist who conducted pioneering research on "
@@ -271,6 +281,7 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
     bar = tqdm(total=len(passages), desc="augment", unit="doc", disable=not show_progress)
 
     spans = {p.id: answer_spans(p) for p in passages} if config.qa_style == "answer_first" else {}
+    checked = {p.id: 0 for p in passages}  # how many of a document's pairs passed the round-trip check
     tried: dict[str, set[str]] = {p.id: set() for p in passages}
 
     def complete(r: Augmentation) -> bool:
@@ -329,10 +340,31 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
                         _accept_qa(output, by_id[doc_id], results[doc_id], rejected[doc_id], fallback[doc_id], config)
                 bar.n = sum(complete(r) for r in results.values())
                 bar.set_postfix(round=attempt + 1)
+        if config.roundtrip:  # this round's new pairs, kept only if reading the passage gives their answer
+            new = [(d, qa) for d, r in results.items() for qa in r.qa[checked[d] :]]
+            passed = roundtrip_passes(llm, [(by_id[d], qa) for d, qa in new], config.batch_size)
+            for d, r in results.items():
+                r.qa = r.qa[: checked[d]]
+            for (d, qa), ok in zip(new, passed, strict=True):
+                if ok:
+                    results[d].qa.append(qa)
+                else:
+                    rejected[d]["not_roundtrip"] += 1
+            checked = {d: len(r.qa) for d, r in results.items()}
+            bar.n = sum(complete(r) for r in results.values())
         if all(complete(r) for r in results.values()):
             break
     bar.n = len(passages)  # the rest are finished too: with fallbacks, or as complete as they will get
     bar.close()
+    if config.roundtrip:  # the fallbacks too must pass, but only as many as could be used are checked
+        candidates = [(d, qa) for d, r in results.items() for qa in fallback[d][: max(config.qa_pairs - len(r.qa), 0)]]
+        passed = roundtrip_passes(llm, [(by_id[d], qa) for d, qa in candidates], config.batch_size)
+        fallback = {d: [] for d in fallback}
+        for (d, qa), ok in zip(candidates, passed, strict=True):
+            if ok:
+                fallback[d].append(qa)
+            else:
+                rejected[d]["not_roundtrip"] += 1
     for doc_id, result in results.items():
         # Grounded pairs first; ungrounded ones only fill what is still missing after every attempt.
         missing = max(config.qa_pairs - len(result.qa), 0)
@@ -340,6 +372,24 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
         rejected[doc_id]["ungrounded_used"] = min(missing, len(fallback[doc_id]))
         result.rejected = {k: v for k, v in rejected[doc_id].items() if v}
     return [results[p.id] for p in given]
+
+
+def roundtrip_passes(llm: LLM, pairs: list[tuple[Passage, dict[str, str]]], batch_size: int = 32) -> list[bool]:
+    """Whether the model, reading each pair's passage, answers its question with its answer (greedy decoding,
+    token F1 at least ROUNDTRIP_MIN_F1). Pairs of one passage should come together: they share its tokens."""
+    passed = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        prompts = [
+            llm.chat(ROUNDTRIP_PROMPT.format(passage=p.contents, question=qa["question"]), ROUNDTRIP_PREFIX)
+            for p, qa in batch
+        ]
+        readings = llm.generate(prompts, ROUNDTRIP_TOKENS, stop=lambda text: "\n" in text.strip())
+        passed += [
+            token_f1(reading.strip().split("\n")[0], [qa["answer"]]) >= ROUNDTRIP_MIN_F1
+            for (_, qa), reading in zip(batch, readings, strict=True)
+        ]
+    return passed
 
 
 def _accept_rewrite(output: str, passage: Passage, result: Augmentation, rejected: Counter, config) -> None:

@@ -33,7 +33,7 @@ NOT_KEYED = {
 }
 # Fields added after stores existed: keyed only when they differ from their default, so that what was
 # stored before they existed (built as their default builds) is still found.
-KEYED_IF_CHANGED = {"train.qa_context"}
+KEYED_IF_CHANGED = {"train.qa_context", "augment.roundtrip"}
 # Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
 CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -131,6 +131,8 @@ class AugmentConfig:
     # answer_first: every question must name the passage's subject (its title), as users' questions do
     name_subject: bool = False
     attempts: int = 3  # generation rounds per document before giving up on missing items
+    # keep a QA pair only if the model, reading the passage, answers its question with its answer
+    roundtrip: bool = False
     temperature: float = 0.7
     top_k: int = 50
     rewrite_max_tokens: int = 256
