@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from prag import Config, Pipeline
 from prag.augment import Augmentation
+from prag.cli import main
+from prag.evaluate import load_questions
 from prag.recall import recall_rows, summarize, summary_table
 
 DEMO = Path(__file__).resolve().parent.parent / "data" / "demo"
@@ -59,3 +62,23 @@ def test_recall_splits_pairs_by_how_they_were_trained(tiny_llm, tmp_path):
     assert alone == {"Question 2?"}  # the first half of the pairs was trained with the passage only
     summary = summarize(rows)
     assert summary["trained alone"]["pairs"] == 2 and summary["trained with the passage only"]["pairs"] == 4
+
+
+def test_cli_recall_prints_the_table_and_writes_every_answer(tiny_llm, tmp_path, monkeypatch, capsys):
+    home, out, questions = tmp_path / "home", tmp_path / "recall.json", DEMO / "questions.jsonl"
+    monkeypatch.setattr("prag.llm.LLM.load", classmethod(lambda cls, config: tiny_llm))
+    common = ["--home", str(home), "--quiet"]
+    assert main(["index", str(DEMO / "corpus.jsonl"), *common]) == 0
+    pipeline = Pipeline(home, Config(), llm=tiny_llm)
+    [question] = load_questions(questions, limit=1)
+    for doc in pipeline.retrieve(question.question, 2):  # stored augmentations: only training runs
+        pipeline.augmentations.put(Augmentation(doc.id, [], [{"question": "Who is it?", "answer": doc.title}]))
+    recall = ["recall", "--dataset", str(questions), "--slice", "all", "--limit", "1", "--top-k", "2", *common]
+    assert main([*recall, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 documents of 1 questions" in printed and "| all | 2 |" in printed
+    record = json.loads(out.read_text())
+    assert record["question_ids"] == [question.id] and len(record["rows"]) == 2 * 4
+    assert set(record["summary"]["all"]) >= {"own", "other", "none", "passage", "own - other", "own - none"}
+    assert main([*recall, "--conditions", "own,mine"]) == 2
+    assert "unknown ['mine']" in capsys.readouterr().err

@@ -47,6 +47,28 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _retrieved_for(parser: argparse.ArgumentParser) -> None:
+    """The documents a command works on: the top-k passages retrieved for some questions of the tune slice."""
+    parser.add_argument("--dataset", required=True, help="questions, FlashRAG JSONL")
+    parser.add_argument(
+        "--slice", default="tune", choices=SLICES, help="tune (default): questions 100 on; all: the whole file"
+    )
+    parser.add_argument("--offset", type=int, default=0, help="questions skipped, counted within the slice")
+    parser.add_argument("--limit", type=int, default=None, help="questions, counted within the slice")
+    parser.add_argument("--top-k", type=int, default=None, help="passages per question (default: answer.top_k)")
+
+
+def retrieved_passages(pipeline: Pipeline, args: argparse.Namespace) -> tuple[list, list]:
+    """The questions `_retrieved_for` selects, and their retrieved passages (each once, in order)."""
+    from .evaluate import load_questions
+
+    questions = load_questions(args.dataset, limit=args.limit, offset=args.offset, slice=args.slice)
+    if not questions:
+        raise ValueError(f"{args.dataset}: no questions in slice {args.slice!r} at offset {args.offset}")
+    passages = list({p.id: p for q in questions for p in pipeline.retrieve(q.question, args.top_k)}.values())
+    return questions, passages
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prag", description="Parametric RAG: documents as LoRAs merged at question time."
@@ -119,13 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "recorded and `prag eval` refuses to evaluate them in the dyprag modes. Reads the TUNE slice by default.",
     )
     _common(p)
-    p.add_argument("--dataset", required=True, help="questions, FlashRAG JSONL")
-    p.add_argument(
-        "--slice", default="tune", choices=SLICES, help="tune (default): questions 100 on; all: the whole file"
-    )
-    p.add_argument("--offset", type=int, default=0, help="questions skipped, counted within the slice")
-    p.add_argument("--limit", type=int, default=None, help="questions, counted within the slice")
-    p.add_argument("--top-k", type=int, default=None, help="passages per question (default: answer.top_k)")
+    _retrieved_for(p)
     p.add_argument("--restart", action="store_true", help="start over: drop a checkpoint, replace a stored translator")
 
     p = commands.add_parser("eval", help="evaluate modes on a FlashRAG-format question set")
@@ -159,11 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "about its document. Reads the TUNE slice by default.",
     )
     _common(p)
-    p.add_argument("--dataset", required=True, help="questions whose retrieved documents to probe, FlashRAG JSONL")
-    p.add_argument("--slice", default="tune", choices=SLICES, help="tune (default): questions 100 on; all: the file")
-    p.add_argument("--offset", type=int, default=0, help="questions skipped, counted within the slice")
-    p.add_argument("--limit", type=int, default=None, help="questions, counted within the slice")
-    p.add_argument("--top-k", type=int, default=None, help="passages per question (default: answer.top_k)")
+    _retrieved_for(p)
     p.add_argument("--batch-size", type=int, default=8, help="questions answered in one batched generation")
     p.add_argument(
         "--conditions",
@@ -334,12 +346,7 @@ def cmd_warmup(pipeline: Pipeline, args) -> int:
 
 
 def cmd_translator(pipeline: Pipeline, args) -> int:
-    from .evaluate import load_questions
-
-    questions = load_questions(args.dataset, limit=args.limit, offset=args.offset, slice=args.slice)
-    if not questions:
-        raise ValueError(f"{args.dataset}: no questions in slice {args.slice!r} at offset {args.offset}")
-    passages = list({p.id: p for q in questions for p in pipeline.retrieve(q.question, args.top_k)}.values())
+    questions, passages = retrieved_passages(pipeline, args)
     record = pipeline.train_translator(passages, [q.id for q in questions], not args.quiet, args.restart)
     losses = record["losses"]
     window = max(1, len(losses["mse"]) // 10)
@@ -396,15 +403,11 @@ def cmd_eval(pipeline: Pipeline, args) -> int:
 
 def cmd_recall(pipeline: Pipeline, args) -> int:
     from .atomic import atomic_write_text
-    from .evaluate import load_questions
     from .recall import recall_rows, summarize, summary_table
 
-    questions = load_questions(args.dataset, limit=args.limit, offset=args.offset, slice=args.slice)
-    if not questions:
-        raise ValueError(f"{args.dataset}: no questions in slice {args.slice!r} at offset {args.offset}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: {args.batch_size} is out of range, expected 1 or more")
-    passages = list({p.id: p for q in questions for p in pipeline.retrieve(q.question, args.top_k)}.values())
+    questions, passages = retrieved_passages(pipeline, args)
     conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
     rows = recall_rows(pipeline, passages, args.batch_size, not args.quiet, conditions)
     summary = summarize(rows)
