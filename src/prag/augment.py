@@ -342,14 +342,10 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
                 bar.set_postfix(round=attempt + 1)
         if config.roundtrip:  # this round's new pairs, kept only if reading the passage gives their answer
             new = [(d, qa) for d, r in results.items() for qa in r.qa[checked[d] :]]
-            passed = roundtrip_passes(llm, [(by_id[d], qa) for d, qa in new], config.batch_size)
             for d, r in results.items():
                 r.qa = r.qa[: checked[d]]
-            for (d, qa), ok in zip(new, passed, strict=True):
-                if ok:
-                    results[d].qa.append(qa)
-                else:
-                    rejected[d]["not_roundtrip"] += 1
+            for d, qa in _roundtrip_kept(llm, new, by_id, rejected, config.batch_size):
+                results[d].qa.append(qa)
             checked = {d: len(r.qa) for d, r in results.items()}
             bar.n = sum(complete(r) for r in results.values())
         if all(complete(r) for r in results.values()):
@@ -358,13 +354,9 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
     bar.close()
     if config.roundtrip:  # the fallbacks too must pass, but only as many as could be used are checked
         candidates = [(d, qa) for d, r in results.items() for qa in fallback[d][: max(config.qa_pairs - len(r.qa), 0)]]
-        passed = roundtrip_passes(llm, [(by_id[d], qa) for d, qa in candidates], config.batch_size)
         fallback = {d: [] for d in fallback}
-        for (d, qa), ok in zip(candidates, passed, strict=True):
-            if ok:
-                fallback[d].append(qa)
-            else:
-                rejected[d]["not_roundtrip"] += 1
+        for d, qa in _roundtrip_kept(llm, candidates, by_id, rejected, config.batch_size):
+            fallback[d].append(qa)
     for doc_id, result in results.items():
         # Grounded pairs first; ungrounded ones only fill what is still missing after every attempt.
         missing = max(config.qa_pairs - len(result.qa), 0)
@@ -390,6 +382,18 @@ def roundtrip_passes(llm: LLM, pairs: list[tuple[Passage, dict[str, str]]], batc
             for (_, qa), reading in zip(batch, readings, strict=True)
         ]
     return passed
+
+
+def _roundtrip_kept(llm: LLM, pairs: list, by_id: dict, rejected: dict, batch_size: int) -> list:
+    """The (doc_id, pair)s that pass `roundtrip_passes`, in order; the others counted as not_roundtrip."""
+    passed = roundtrip_passes(llm, [(by_id[d], qa) for d, qa in pairs], batch_size)
+    kept = []
+    for pair, ok in zip(pairs, passed, strict=True):
+        if ok:
+            kept.append(pair)
+        else:
+            rejected[pair[0]]["not_roundtrip"] += 1
+    return kept
 
 
 def _accept_rewrite(output: str, passage: Passage, result: Augmentation, rejected: Counter, config) -> None:

@@ -69,6 +69,11 @@ def retrieved_passages(pipeline: Pipeline, args: argparse.Namespace) -> tuple[li
     return questions, passages
 
 
+def _check_batch_size(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: {args.batch_size} is out of range, expected 1 or more")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prag", description="Parametric RAG: documents as LoRAs merged at question time."
@@ -376,8 +381,7 @@ def cmd_eval(pipeline: Pipeline, args) -> int:
     questions = load_questions(args.dataset, limit=args.limit, offset=args.offset, slice=args.slice)
     if not questions:
         raise ValueError(f"{args.dataset}: no questions in slice {args.slice!r} at offset {args.offset}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: {args.batch_size} is out of range, expected 1 or more")
+    _check_batch_size(args)
     evaluation, offline = run(pipeline, questions, modes, top_k, not args.quiet, args.batch_size)
     name = protocol_name(args)
     protocol = {"name": name, "profile": args.profile, "settings": protocol_settings(name, args.profile)}
@@ -405,8 +409,7 @@ def cmd_recall(pipeline: Pipeline, args) -> int:
     from .atomic import atomic_write_text
     from .recall import recall_rows, summarize, summary_table
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: {args.batch_size} is out of range, expected 1 or more")
+    _check_batch_size(args)
     questions, passages = retrieved_passages(pipeline, args)
     conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
     rows = recall_rows(pipeline, passages, args.batch_size, not args.quiet, conditions)

@@ -430,11 +430,12 @@ class Pipeline:
             self.translator  # noqa: B018  (no translator: the error that names the command to train one, at once)
         timings: dict[str, float] = {}
         hits = []
-        if mode != "closed" and passages is None:
+        if mode == "closed":
+            passages = []
+        elif passages is None:
             t = time.perf_counter()
             hits = self.retriever.search(question, k)
             timings["retrieval"] = time.perf_counter() - t
-        if mode == "closed" or passages is None:
             passages = [hit.passage for hit in hits]
         if mode in CONTROLS:
             merged_from = lora_passages if lora_passages is not None else self.unrelated_passages(question, passages, k)
