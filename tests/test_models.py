@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,10 @@ def test_a_gguf_file_by_path_answers_in_every_mode(default_llm, tmp_path):
     """The default model's own GGUF, named by its path: dequantized into the same cache, and every mode runs."""
     gguf = bundled_gguf()
     assert resolve_model_dir(str(gguf)) == resolve_model_dir(DEFAULT_MODEL)  # one cache entry per file
+    copy = tmp_path / "elsewhere" / gguf.name  # the same file in another virtual environment: no second copy
+    copy.parent.mkdir()
+    shutil.copyfile(gguf, copy)
+    assert resolve_model_dir(str(copy)) == resolve_model_dir(DEFAULT_MODEL)
     llm = LLM.load(ModelConfig(name=str(gguf)))
     torch.testing.assert_close(llm.model.lm_head.weight, default_llm.model.lm_head.weight, rtol=0, atol=0)
     assert llm.eos_ids == default_llm.eos_ids

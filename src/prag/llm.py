@@ -75,10 +75,11 @@ def bundled_gguf() -> Path:
 def dequantized(gguf: Path) -> Path:
     """The GGUF file as a float32 safetensors model directory in the cache, made on first use (tens of
     seconds on 2 CPU cores; tokenizer and chat template come from the file's metadata). Keyed by the
-    file's path, size and modification time: a rebuilt or replaced file is dequantized again."""
+    file's content (blake2b, about 0.2 s per 100 MB): a changed file is dequantized again, and the same
+    file reinstalled elsewhere (a new virtual environment, a copy) reuses the cached model."""
     gguf = gguf.resolve()
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = _content_digest(gguf)
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
@@ -104,6 +105,14 @@ def dequantized(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _content_digest(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=6)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def pick_device_dtype(config: ModelConfig) -> tuple[torch.device, torch.dtype]:
