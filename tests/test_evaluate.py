@@ -9,12 +9,15 @@ from prag.evaluate import (
     REPORT_SIZE,
     Evaluation,
     Question,
+    coverage_summary,
     exact_match,
     latency_summary,
     load_questions,
     normalize_answer,
     paired_bootstrap,
     recall_at_k,
+    report_md,
+    stored_answer_f1,
     token_f1,
     unrelated_partners,
     write_results,
@@ -265,3 +268,39 @@ def test_comparisons_in_metrics():
     c = ev.metrics("toy", 3, "m")["comparisons"]
     assert set(c) == {"prag - rag", "prag - prag-unrelated"}
     assert c["prag - rag"]["diff"] == 0.3 and c["prag - prag-unrelated"] == {"diff": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_coverage_splits_f1_by_whether_the_augmentation_holds_the_answer():
+    assert stored_answer_f1(["politician"], []) is None  # no stored pairs: nothing to say
+    assert stored_answer_f1(["politician", "pol"], ["1887", "a British politician"]) == round(2 / 3, 4)
+    assert stored_answer_f1(["politician"], ["actor"]) == 0.0
+
+    def record(qid, mode, f1, stored):
+        return {"id": qid, "mode": mode, "f1": f1, "stored_answer_f1": stored}
+
+    records = [
+        record("q1", "rag", 0.0, 1.0),
+        record("q1", "prag", 1.0, 1.0),  # covered, and the LoRA answers it
+        record("q2", "rag", 1.0, 0.2),
+        record("q2", "prag", 0.0, 0.2),  # uncovered
+        record("q3", "rag", 0.5, None),  # no stored pairs: left out
+        record("q3", "prag", 0.5, None),
+    ]
+    c = coverage_summary(records)
+    assert (c["questions"], c["covered"], c["threshold"], c["mean_stored_answer_f1"]) == (2, 1, 0.5, 0.6)
+    assert c["f1_by_mode"]["prag"] == {"covered": {"f1": 1.0, "n": 1}, "uncovered": {"f1": 0.0, "n": 1}}
+    assert c["f1_by_mode"]["rag"] == {"covered": {"f1": 0.0, "n": 1}, "uncovered": {"f1": 1.0, "n": 1}}
+    assert coverage_summary([record("q3", "rag", 0.5, None)]) is None
+
+    ev = Evaluation()
+    ev.records = [
+        {**r, "em": 0.0, "type": None, "recall": None, "new_tokens": 1, "timings_ms": _ZERO_MS} for r in records
+    ]
+    metrics = ev.metrics("toy", top_k=1, model="tiny")
+    assert metrics["coverage"] == c
+    report = report_md(metrics)
+    assert "1 of 2 questions have a gold answer among" in report
+    assert "| prag | 1.0000 (n=1) | 0.0000 (n=1) |" in report
+
+
+_ZERO_MS = {"retrieval": 0.0, "load_merge": 0.0, "generation": 0.0, "total": 0.0, "first_token": 0.0, "per_token": 0.0}

@@ -82,3 +82,22 @@ def test_cli_recall_prints_the_table_and_writes_every_answer(tiny_llm, tmp_path,
     assert set(record["summary"]["all"]) >= {"own", "other", "none", "passage", "own - other", "own - none"}
     assert main([*recall, "--conditions", "own,mine"]) == 2
     assert "unknown ['mine']" in capsys.readouterr().err
+
+
+def test_eval_records_whether_the_documents_augmentation_holds_the_gold_answer(tiny_llm, tmp_path):
+    from prag.evaluate import run
+
+    pipeline = Pipeline(tmp_path / "home", Config(), llm=tiny_llm)
+    pipeline.index(DEMO / "corpus.jsonl", show_progress=False)
+    questions = load_questions(DEMO / "questions.jsonl", limit=2)
+    for q, answer in zip(questions, ["a politician", "an actor"], strict=True):  # the first covered, not the second
+        for doc in pipeline.retrieve(q.question, 1):
+            pipeline.augmentations.put(Augmentation(doc.id, [], [{"question": "What was he?", "answer": answer}]))
+    evaluation, _ = run(pipeline, questions, ["closed", "prag"], top_k=1, show_progress=False)
+    stored = {(r["id"], r["mode"]): r["stored_answer_f1"] for r in evaluation.records}
+    assert stored == {(questions[0].id, m): 1.0 for m in ("closed", "prag")} | {
+        (questions[1].id, m): 0.0 for m in ("closed", "prag")
+    }
+    coverage = evaluation.metrics("demo", top_k=1, model="tiny")["coverage"]
+    assert (coverage["questions"], coverage["covered"]) == (2, 1)
+    assert {part: v["n"] for part, v in coverage["f1_by_mode"]["prag"].items()} == {"covered": 1, "uncovered": 1}

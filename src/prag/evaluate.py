@@ -25,6 +25,9 @@ REPORT_SIZE = 100  # the first questions of every dev file are reported; choices
 SLICES = ("report", "tune", "all")
 BOOLEAN_ANSWERS = ("yes", "no", "noanswer")
 RESAMPLES = 10_000
+# a question is "covered" when a stored QA answer of its documents scores at least this token F1 against a gold
+# answer (the round-trip check's threshold, augment.ROUNDTRIP_MIN_F1)
+COVERED_F1 = 0.5
 # the paired differences every table reports: (mode, minus mode)
 COMPARISONS = (
     ("prag", "closed"),
@@ -188,6 +191,40 @@ def _mean(xs: list[float]) -> float:
     return round(float(np.mean(xs)), 4) if xs else 0.0
 
 
+def stored_answer_f1(golds: list[str], stored_answers: list[str]) -> float | None:
+    """How well the augmentation of a question's documents already holds its answer: the best token F1 of
+    a gold answer against the answers of their stored QA pairs (None: no stored pairs). A document's LoRA
+    is trained on those pairs, so this bounds what it can be expected to carry for the question."""
+    if not stored_answers:
+        return None
+    return round(max(token_f1(answer, golds) for answer in stored_answers), 4)
+
+
+def coverage_summary(records: list[dict]) -> dict | None:
+    """Questions whose gold answer is among their documents' stored QA answers (token F1 >= COVERED_F1),
+    and each mode's F1 on the covered and the uncovered questions: whether the parameters carry what the
+    augmentation gave them (covered), and what they carry beyond it (uncovered)."""
+    scored = {r["id"]: r["stored_answer_f1"] for r in records if r.get("stored_answer_f1") is not None}
+    if not scored:
+        return None
+    covered = {i for i, f1 in scored.items() if f1 >= COVERED_F1}
+    by_mode: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        if r["id"] in scored:
+            part = "covered" if r["id"] in covered else "uncovered"
+            by_mode.setdefault(r["mode"], {"covered": [], "uncovered": []})[part].append(r["f1"])
+    return {
+        "questions": len(scored),
+        "covered": len(covered),
+        "threshold": COVERED_F1,
+        "mean_stored_answer_f1": _mean(list(scored.values())),
+        "f1_by_mode": {
+            mode: {part: {"f1": _mean(xs), "n": len(xs)} for part, xs in parts.items()}
+            for mode, parts in by_mode.items()
+        },
+    }
+
+
 # ---------------------------------------------------------------- accumulation
 
 
@@ -265,6 +302,9 @@ class Evaluation:
             "modes": modes,
             "comparisons": self.comparisons(),
         }
+        coverage = coverage_summary(self.records)
+        if coverage:
+            out["coverage"] = coverage
         return {**out, **(extra or {})}
 
     def comparisons(self) -> dict[str, dict]:
@@ -357,6 +397,23 @@ def report_md(metrics: dict, notes: str = "") -> str:
         ]
         for name, c in metrics["comparisons"].items():
             lines.append(f"| {name} | {c['diff']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}] |")
+    coverage = metrics.get("coverage")
+    if coverage:
+        lines += [
+            "",
+            "## What the augmentation gave the documents",
+            "",
+            f"{coverage['covered']} of {coverage['questions']} questions have a gold answer among the answers of "
+            f"their documents' stored QA pairs (token F1 >= {coverage['threshold']}); F1 on those and on the rest:",
+            "",
+            "| mode | covered | uncovered |",
+            "|---|---|---|",
+        ]
+        for mode, parts in coverage["f1_by_mode"].items():
+            cells = [
+                f"{parts[p]['f1']:.4f} (n={parts[p]['n']})" if parts[p]["n"] else "-" for p in ("covered", "uncovered")
+            ]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     types = sorted({t for m in metrics["modes"].values() for t in m["by_type"]})
     names = list(metrics["modes"])
     lines += ["", "## F1 by question type", "", "| type | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -457,6 +514,10 @@ def run(
         for part in ("augment_s", "train_s"):
             offline[part] = round(pipeline.offline_seconds[part] - before[part], 2)
         offline["parameterize_s_per_doc"] = round(offline["parameterize_s"] / built, 2) if built else None
+    stored = {}  # question id -> stored_answer_f1 of its own documents' augmentations, where they have any
+    for q in questions:
+        augmentations = [pipeline.augmentations.get(p.id) for p in retrieved[q.id] if pipeline.augmentations.has(p.id)]
+        stored[q.id] = stored_answer_f1(q.golden_answers, [qa["answer"] for a in augmentations for qa in a.qa])
     evaluation = Evaluation()
     bar = tqdm(total=len(modes) * len(questions), desc="answer", unit="q", disable=not show_progress)
     for mode in modes:
@@ -468,6 +529,7 @@ def run(
             ]
             for q, answer in zip(chunk, pipeline.generate(prepared), strict=True):
                 record = evaluation.add(q, mode, answer)
+                record["stored_answer_f1"] = stored[q.id]
                 if mode.endswith("-unrelated"):
                     record["unrelated_to"] = partners[q.id]
                 bar.update()
