@@ -5,7 +5,8 @@ own documents hold its gold answer, and each mode's F1 on the covered and the un
 Each run is LABEL=RUN_DIR:AUGMENT_DIR, AUGMENT_DIR being the store's augmentation directory the run trained
 from (`<store>/augment/<model>-<key>-s2`; `prag stats` names it).
 
-python scripts/coverage.py "default=runs/f1/default-popqa:runs/f1/store-popqa-free/augment/SmolLM2-135M-Instruct-a44bc0d6643a-s2"
+python scripts/coverage.py \
+    "default=runs/s21/default-popqa:runs/f1/store-popqa-free/augment/SmolLM2-135M-Instruct-a44bc0d6643a-s2"
 """
 
 from __future__ import annotations
