@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from prag.evaluate import coverage_summary, stored_answer_f1
+from prag.evaluate import coverage_summary, stored_answer_f1, stored_answers
 from prag.store import AugmentationStore
 
 
@@ -30,8 +30,7 @@ def covered_records(run: Path, augmentations: AugmentationStore) -> list[dict]:
     stored = {}
     for qid, doc_ids in own.items():
         golds = next(r["golden_answers"] for r in records if r["id"] == qid)
-        answers = [qa["answer"] for d in doc_ids if augmentations.has(d) for qa in augmentations.get(d).qa]
-        stored[qid] = stored_answer_f1(golds, answers)
+        stored[qid] = stored_answer_f1(golds, stored_answers(augmentations, doc_ids))
     return [{**r, "stored_answer_f1": stored.get(r["id"])} for r in records]
 
 

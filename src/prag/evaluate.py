@@ -200,6 +200,11 @@ def stored_answer_f1(golds: list[str], stored_answers: list[str]) -> float | Non
     return round(max(token_f1(answer, golds) for answer in stored_answers), 4)
 
 
+def stored_answers(augmentations: Any, doc_ids: list[str]) -> list[str]:
+    """The answers of the QA pairs stored for these documents (an `AugmentationStore`; unaugmented ones skipped)."""
+    return [qa["answer"] for d in doc_ids if augmentations.has(d) for qa in augmentations.get(d).qa]
+
+
 def coverage_summary(records: list[dict]) -> dict | None:
     """Questions whose gold answer is among their documents' stored QA answers (token F1 >= COVERED_F1),
     and each mode's F1 on the covered and the uncovered questions: whether the parameters carry what the
@@ -516,8 +521,8 @@ def run(
         offline["parameterize_s_per_doc"] = round(offline["parameterize_s"] / built, 2) if built else None
     stored = {}  # question id -> stored_answer_f1 of its own documents' augmentations, where they have any
     for q in questions:
-        augmentations = [pipeline.augmentations.get(p.id) for p in retrieved[q.id] if pipeline.augmentations.has(p.id)]
-        stored[q.id] = stored_answer_f1(q.golden_answers, [qa["answer"] for a in augmentations for qa in a.qa])
+        answers = stored_answers(pipeline.augmentations, [p.id for p in retrieved[q.id]])
+        stored[q.id] = stored_answer_f1(q.golden_answers, answers)
     evaluation = Evaluation()
     bar = tqdm(total=len(modes) * len(questions), desc="answer", unit="q", disable=not show_progress)
     for mode in modes:

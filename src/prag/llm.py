@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -79,7 +80,7 @@ def dequantized(gguf: Path) -> Path:
     file reinstalled elsewhere (a new virtual environment, a copy) reuses the cached model."""
     gguf = gguf.resolve()
     stat = gguf.stat()
-    key = _content_digest(gguf)
+    key = _content_digest(gguf, stat.st_size, stat.st_mtime_ns)
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
@@ -107,7 +108,9 @@ def dequantized(gguf: Path) -> Path:
     return target
 
 
-def _content_digest(path: Path) -> str:
+@functools.cache
+def _content_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """Read once per file per process (size and mtime in the cache key: a replaced file is read again)."""
     digest = hashlib.blake2b(digest_size=6)
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
