@@ -15,8 +15,9 @@ from prag.augment import Augmentation, _accept_question, answer_first_prompt
 from prag.config import AugmentConfig, LoRAConfig, TrainConfig
 from prag.corpus import Passage
 from prag.llm import LLM
+from prag.locality import PROBES, locality_probes
 from prag.lora import LoRAModel, init_adapter
-from prag.parameterize import IGNORE, Sequence, train_adapters, training_sequences
+from prag.parameterize import IGNORE, Sequence, label_logits, train_adapters, training_sequences
 from prag.prompt import AnswerFormat
 
 PASSAGE = Passage("d1", "Ada Lovelace", "Ada Lovelace was an English mathematician who died in London in 1852.")
@@ -160,3 +161,47 @@ def test_answer_first_questions_can_be_required_to_name_the_subject():
     assert rejected == {"subject_not_named": 1} and result.qa == [
         {"question": "When did Ada Lovelace die?", "answer": "1852"}
     ]
+
+
+def test_locality_adds_probes_distilled_from_the_model_itself(tokenizer):
+    llm, fmt = _llm(tokenizer), AnswerFormat()
+    plain = training_sequences(llm, PASSAGE, AUG, TrainConfig(), fmt)
+    seqs = training_sequences(llm, PASSAGE, AUG, TrainConfig(locality=3), fmt)
+    probes = seqs[len(plain) :]
+    assert len(probes) == 3 and all(s.teacher is None for s in plain)
+    for probe in probes:
+        # asked alone, the teacher reads exactly what the student reads: the loss is KL to the frozen model
+        assert probe.teacher.input_ids == probe.input_ids and probe.teacher.labels == probe.labels
+        assert "mathematician" not in tokenizer.decode(probe.input_ids)
+
+    def questions(passage: Passage) -> list[str]:
+        seqs = training_sequences(llm, passage, AUG, TrainConfig(locality=3), fmt)
+        return [tokenizer.decode(s.input_ids) for s in seqs[len(plain) :]]
+
+    # a document's probes depend on its id only, never on the documents trained beside it
+    assert questions(PASSAGE) == [tokenizer.decode(s.input_ids) for s in probes]
+    assert questions(Passage("d2", PASSAGE.title, PASSAGE.contents)) != questions(PASSAGE)
+    assert locality_probes("d1", 3) == locality_probes("d1", 3) and len(locality_probes("d1", 999)) == len(PROBES)
+    with pytest.raises(ValueError, match="train.locality"):
+        Config.from_dict({"train": {"locality": -1}}).validate()
+
+
+def test_locality_pulls_the_probes_answers_back_to_the_frozen_models(tiny_llm):
+    """Trained from a LoRA that changes every answer, a document's probes alone bring the model's token
+    distributions on them back toward those of the model without any LoRA."""
+    model = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    fmt, config, train = AnswerFormat(), LoRAConfig(), TrainConfig(lr=1e-3, epochs=60, qa_context="none", locality=4)
+    start = {k: v + 0.05 if k.endswith(".B") else v for k, v in init_adapter(model.shapes(config.rank), 0).items()}
+    probes = training_sequences(tiny_llm, PASSAGE, Augmentation("d1"), train, fmt)
+    assert len(probes) == 4 and all(s.teacher is not None for s in probes)
+
+    def probe_kl(adapter) -> float:
+        with torch.no_grad():
+            frozen = torch.log_softmax(label_logits(tiny_llm, probes)[0], -1)
+            model.inject(adapter, config.scale)
+            tuned = torch.log_softmax(label_logits(tiny_llm, probes)[0], -1)
+            model.clear()
+        return float((frozen.exp() * (frozen - tuned)).sum(-1).mean())
+
+    trained = train_adapters(tiny_llm, model, [probes], config, train, start, show_progress=False)[0]
+    assert probe_kl(trained) < 0.3 * probe_kl(start)

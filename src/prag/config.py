@@ -33,7 +33,7 @@ NOT_KEYED = {
 }
 # Fields added after stores existed: keyed only when they differ from their default, so that what was
 # stored before they existed (built as their default builds) is still found.
-KEYED_IF_CHANGED = {"train.qa_context", "augment.roundtrip"}
+KEYED_IF_CHANGED = {"train.qa_context", "augment.roundtrip", "train.locality"}
 # Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
 CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -52,6 +52,7 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 AT_LEAST = {
     "lora.rank": 1,
     "train.epochs": 1,
+    "train.locality": 0,
     "augment.rewrites": 0,
     "augment.qa_pairs": 1,
     "augment.attempts": 1,
@@ -110,6 +111,9 @@ class TrainConfig:
     # alone: the answer can only come from the parameters, as in `prag` mode), or "both" (the reference's
     # sequences, and every pair alone as well)
     qa_context: str = "reference"
+    # locality probes per document (locality.py): questions about other subjects, asked alone, trained
+    # toward the frozen model's own distribution so that the LoRA changes only what its pairs ask
+    locality: int = 0
     docs_per_batch: int = 16  # documents trained together in one forward/backward pass...
     max_tokens_per_step: int = 8192  # ...as long as their padded sequences stay within this many tokens
     # torch.compile the decoder layers while training (fuses the work around the matmuls, ~1.2x on a

@@ -36,6 +36,7 @@ from .augment import Augmentation
 from .config import LoRAConfig, TrainConfig
 from .corpus import Passage
 from .llm import LLM
+from .locality import locality_probes
 from .lora import Adapter, LoRAModel, find_decoder_layers, init_adapter
 from .prompt import AnswerFormat
 
@@ -65,7 +66,11 @@ def training_sequences(
     for the teacher, the reply (the generated answer) being where the two distributions are compared.
     A sequence with nothing left to learn (its prompt alone over `train.max_length`) is dropped, never
     trained as a zero-loss step (which would still decay the weights).
+
+    `train.locality` adds that many probe questions about other subjects (`locality.py`), asked alone and
+    distilled from the frozen model itself, so that the LoRA leaves their answers as they were.
     """
+    probes = [_locality_sequence(llm, fmt, q, a, train) for q, a in locality_probes(passage.id, train.locality)]
     if train.objective == "distill":
         sequences = []
         for qa in augmentation.qa:
@@ -74,7 +79,7 @@ def training_sequences(
             reading = _prompt_ids(llm, fmt, qa["question"], [passage.contents], train.max_length - len(reply))
             teacher = Sequence(reading + reply, _labels(reading, reply, "answer"))
             sequences.append(Sequence(student + reply, _labels(student, reply, "answer"), teacher))
-        return [s for s in sequences if _trainable(s, train.max_length)]
+        return [s for s in sequences + probes if _trainable(s, train.max_length)]
     texts = [passage.contents] + augmentation.rewrites
     sequences = []
     if train.document_lm:  # the passage and its rewrites as plain text, every token a label
@@ -92,7 +97,16 @@ def training_sequences(
             ids = (prompt + reply)[: train.max_length]
             labels = [IGNORE] * len(prompt) + reply_labels if train.loss_on == "grounded" else None
             sequences.append(Sequence(ids, (labels or _labels(prompt, reply, train.loss_on))[: len(ids)]))
-    return [s for s in sequences if _trainable(s, train.max_length)]
+    return [s for s in sequences + probes if _trainable(s, train.max_length)]
+
+
+def _locality_sequence(llm: LLM, fmt: AnswerFormat, question: str, answer: str, train: TrainConfig) -> Sequence:
+    """A probe asked alone; its teacher is the same sequence, so the loss is KL to the model without the
+    LoRA at every reply token (the reply only carries the teacher forcing)."""
+    reply = _reply_ids(llm, fmt, {"answer": answer, "full_answer": answer})
+    prompt = _prompt_ids(llm, fmt, question, [], train.max_length - len(reply))
+    labels = _labels(prompt, reply, "answer")
+    return Sequence(prompt + reply, labels, teacher=Sequence(prompt + reply, labels))
 
 
 def qa_layout(i: int, pairs: int, train: TrainConfig) -> tuple[bool, bool]:
@@ -223,7 +237,13 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar, base=None) -
         p.requires_grad_(True)
     optimizer = BatchedAdamW(list(params.values()), lr=train.lr, weight_decay=train.weight_decay)
     schedules = [seqs * train.epochs for seqs in group]
-    teacher = _teacher_log_probs(llm, [s for seqs in group for s in seqs])
+    # the teacher is the model every mode answers with: the fixed base adapter in, no document's LoRA
+    if fixed is not None:
+        lora_model.inject(fixed, lora.scale)
+    try:
+        teacher = _teacher_log_probs(llm, [s for seqs in group for s in seqs])
+    finally:
+        lora_model.clear()
     done = [0] * n  # how many of its sequences each document has trained on
     try:
         while True:
@@ -298,8 +318,8 @@ def compiled_decoder(model: nn.Module, enabled: bool = True) -> Iterator[None]:
 
 @torch.no_grad()
 def _teacher_log_probs(llm: LLM, sequences: list[Sequence], batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """For distillation sequences: the frozen model's log-probabilities over each reply token, reading
-    the passage. Keyed by id(sequence); empty for the plain LM objective."""
+    """For sequences with a teacher (distillation, locality probes): the frozen model's log-probabilities
+    over each reply token of the teacher's input. Keyed by id(sequence); empty when none has one."""
     todo = [s for s in sequences if s.teacher is not None]
     out: dict[int, torch.Tensor] = {}
     for start in range(0, len(todo), batch_size):

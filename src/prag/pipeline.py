@@ -218,9 +218,7 @@ class Pipeline:
             for start in range(0, len(todo), cfg.train.docs_per_batch):
                 t = time.perf_counter()
                 group = todo[start : start + cfg.train.docs_per_batch]
-                sequences = [
-                    training_sequences(self.llm, p, self.augmentations.get(p.id), cfg.train, self.format) for p in group
-                ]
+                sequences = [self.training_sequences(p) for p in group]
                 adapters = train_adapters(
                     self.llm,
                     self.lora_model,
@@ -235,6 +233,10 @@ class Pipeline:
                     self.adapters.put(passage.id, adapter)
                 self.offline_seconds["train_s"] += time.perf_counter() - t
                 yield [p.id for p in group]
+
+    def training_sequences(self, passage: Passage) -> list:
+        cfg = self.config
+        return training_sequences(self.llm, passage, self.augmentations.get(passage.id), cfg.train, self.format)
 
     @property
     def initial_adapter(self) -> lora.Adapter | None:
@@ -327,10 +329,8 @@ class Pipeline:
         built = self.parameterize(passages, show_progress)
         parameterize_s = time.perf_counter() - t
         cfg = self.config
-        examples = [
-            dyprag.Example(p, training_sequences(self.llm, p, self.augmentations.get(p.id), cfg.train, self.format))
-            for p in passages
-        ]
+        # the document's own sequences only: locality probes hold nothing of it for the translator to learn
+        examples = [dyprag.Example(p, [s for s in self.training_sequences(p) if s.teacher is None]) for p in passages]
         shapes = self.lora_model.shapes(cfg.lora.rank)
         dim = self.llm.model.config.hidden_size
         tc = cfg.translator
