@@ -94,3 +94,13 @@ def test_a_legacy_full_config_is_ignored_with_a_note(tmp_path, capsys):
     (home / "config.json").write_text(json.dumps(old.to_dict()))
     assert load_config(_args("ask", "q", "--home", str(home))).train.loss_on == "answer"
     assert "older version" in capsys.readouterr().err
+
+
+def test_popqa_documents_are_parameterized_with_the_spans_recipe_by_default():
+    """Chosen on PopQA's tune slice; the multi-hop sets keep the default recipe, the reference profile the paper's."""
+    config = load_config(_args("eval", "--dataset", "../shared/data/qa/popqa/dev.jsonl", "--out", "x"))
+    assert config.augment.qa_style == "answer_first" and config.train.qa_context == "none"
+    assert (config.augment.rewrites, config.train.epochs, config.train.lr) == (0, 3, 1e-3)
+    for name, profile in (("hotpotqa", "default"), ("popqa", "reference")):
+        config = load_config(_args("eval", "--dataset", f"x/{name}/dev.jsonl", "--out", "x", "--profile", profile))
+        assert config.augment.qa_style == "free" and config.train.qa_context == "reference"
