@@ -182,6 +182,11 @@ def test_locality_adds_probes_distilled_from_the_model_itself(tokenizer):
     assert questions(PASSAGE) == [tokenizer.decode(s.input_ids) for s in probes]
     assert questions(Passage("d2", PASSAGE.title, PASSAGE.contents)) != questions(PASSAGE)
     assert locality_probes("d1", 3) == locality_probes("d1", 3) and len(locality_probes("d1", 999)) == len(PROBES)
+    # asked with the passage in the prompt as well (as `combine` asks): the same probes, twice
+    both = training_sequences(llm, PASSAGE, AUG, TrainConfig(locality=3, locality_context="both"), fmt)[len(plain) :]
+    texts = [tokenizer.decode(s.input_ids) for s in both]
+    assert len(both) == 6 and sum("mathematician" in t for t in texts) == 3
+    assert [t for t in texts if "mathematician" not in t] == questions(PASSAGE)
     with pytest.raises(ValueError, match="train.locality"):
         Config.from_dict({"train": {"locality": -1}}).validate()
 

@@ -33,13 +33,14 @@ NOT_KEYED = {
 }
 # Fields added after stores existed: keyed only when they differ from their default, so that what was
 # stored before they existed (built as their default builds) is still found.
-KEYED_IF_CHANGED = {"train.qa_context", "augment.roundtrip", "train.locality"}
+KEYED_IF_CHANGED = {"train.qa_context", "augment.roundtrip", "train.locality", "train.locality_context"}
 # Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
 CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
     "train.objective": ("lm", "distill"),
     "train.loss_on": ("answer", "all", "grounded"),
     "train.qa_context": ("reference", "none", "both"),
+    "train.locality_context": ("alone", "passage", "both"),
     "train.store_dtype": ("bfloat16", "float16", "float32"),
     "train.compile": ("auto", "on", "off"),
     "augment.qa_style": ("free", "answer_first"),
@@ -114,6 +115,9 @@ class TrainConfig:
     # locality probes per document (locality.py): questions about other subjects, asked alone, trained
     # toward the frozen model's own distribution so that the LoRA changes only what its pairs ask
     locality: int = 0
+    # the probes asked "alone" (as `prag` asks), with the document's "passage" in the prompt (as `combine`
+    # asks), or "both"
+    locality_context: str = "alone"
     docs_per_batch: int = 16  # documents trained together in one forward/backward pass...
     max_tokens_per_step: int = 8192  # ...as long as their padded sequences stay within this many tokens
     # torch.compile the decoder layers while training (fuses the work around the matmuls, ~1.2x on a

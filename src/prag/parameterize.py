@@ -67,10 +67,17 @@ def training_sequences(
     A sequence with nothing left to learn (its prompt alone over `train.max_length`) is dropped, never
     trained as a zero-loss step (which would still decay the weights).
 
-    `train.locality` adds that many probe questions about other subjects (`locality.py`), asked alone and
-    distilled from the frozen model itself, so that the LoRA leaves their answers as they were.
+    `train.locality` adds that many probe questions about other subjects (`locality.py`), asked alone or
+    with the passage (`train.locality_context`) and distilled from the frozen model itself, so that the
+    LoRA leaves their answers as they were.
     """
-    probes = [_locality_sequence(llm, fmt, q, a, train) for q, a in locality_probes(passage.id, train.locality)]
+    own = [passage.contents]
+    contexts = {"alone": [[]], "passage": [own], "both": [[], own]}[train.locality_context]
+    probes = [
+        _locality_sequence(llm, fmt, q, a, context, train)
+        for q, a in locality_probes(passage.id, train.locality)
+        for context in contexts
+    ]
     if train.objective == "distill":
         sequences = []
         for qa in augmentation.qa:
@@ -100,11 +107,14 @@ def training_sequences(
     return [s for s in sequences + probes if _trainable(s, train.max_length)]
 
 
-def _locality_sequence(llm: LLM, fmt: AnswerFormat, question: str, answer: str, train: TrainConfig) -> Sequence:
-    """A probe asked alone; its teacher is the same sequence, so the loss is KL to the model without the
-    LoRA at every reply token (the reply only carries the teacher forcing)."""
+def _locality_sequence(
+    llm: LLM, fmt: AnswerFormat, question: str, answer: str, context: list[str], train: TrainConfig
+) -> Sequence:
+    """A probe (alone, or with the document's passage in the prompt as `combine` asks); its teacher is the
+    same sequence, so the loss is KL to the model without the LoRA at every reply token (the reply only
+    carries the teacher forcing)."""
     reply = _reply_ids(llm, fmt, {"answer": answer, "full_answer": answer})
-    prompt = _prompt_ids(llm, fmt, question, [], train.max_length - len(reply))
+    prompt = _prompt_ids(llm, fmt, question, context, train.max_length - len(reply))
     labels = _labels(prompt, reply, "answer")
     return Sequence(prompt + reply, labels, teacher=Sequence(prompt + reply, labels))
 
