@@ -210,3 +210,14 @@ def test_locality_pulls_the_probes_answers_back_to_the_frozen_models(tiny_llm):
 
     trained = train_adapters(tiny_llm, model, [probes], config, train, start, show_progress=False)[0]
     assert probe_kl(trained) < 0.3 * probe_kl(start)
+
+
+def test_adapters_trained_with_probes_are_keyed_by_the_probe_set(tmp_path):
+    from prag import locality
+
+    plain = Pipeline(tmp_path, Config())
+    config = Config()
+    config.set("train.locality", 6)
+    probed = Pipeline(tmp_path, config)
+    assert str(probed.adapters.root).endswith(f"p{locality.VERSION}") and probed.adapters.root != plain.adapters.root
+    assert not any(a.lower() in ("yes", "no") for _, a in locality.PROBES)  # version 1's leak (locality.py)

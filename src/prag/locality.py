@@ -10,13 +10,17 @@ does): the LoRA is pushed to change only what its own pairs ask.
 The probes are general-knowledge questions in the forms the benchmarks ask (occupations, places,
 dates, people, comparisons), about well-known subjects no retrieved Wikipedia passage of ours is
 likely to be about; the replies only carry the teacher forcing (the loss compares distributions at
-every reply token, it does not train the reply). Written for this project.
+every reply token, it does not train the reply). Written for this project. No yes/no questions: with
+them (version 1) the summed LoRAs answered "yes" to half of all questions, the frozen model's high
+"yes" probability on those probes leaking into every answer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+
+VERSION = 2  # part of the adapters' key: a changed probe set trains other adapters
 
 PROBES: tuple[tuple[str, str], ...] = (
     ("What is Marie Curie's occupation?", "physicist"),
@@ -66,8 +70,8 @@ PROBES: tuple[tuple[str, str], ...] = (
     ("Which is older, the Colosseum or the Great Wall of China?", "the Great Wall of China"),
     ("Who was born first, Abraham Lincoln or Charles Darwin?", "they were born on the same day"),
     ("Which is longer, the Amazon or the Danube?", "the Amazon"),
-    ("Are Toronto and Montreal in the same country?", "yes"),
-    ("Did Mozart and Beethoven have the same nationality?", "no"),
+    ("Which city is larger, Toronto or Montreal?", "Toronto"),
+    ("Which composer was born first, Mozart or Beethoven?", "Mozart"),
     ("Which film came out first, Star Wars or Jaws?", "Jaws"),
     ("Who died first, Johann Sebastian Bach or George Frideric Handel?", "Johann Sebastian Bach"),
     ("Which country has more people, Japan or Germany?", "Japan"),

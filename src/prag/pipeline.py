@@ -32,7 +32,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import lora
+from . import locality, lora
 from . import translator as dyprag
 from .atomic import atomic_write, atomic_write_text
 from .augment import ANSWER_FIRST_VERSION, augment
@@ -116,6 +116,8 @@ class Pipeline:
         if keyed.answer.style == "direct":  # few-shot examples only shape chain-of-thought training sequences
             keyed.answer.fewshot = ""
         adapter_key = f"{model_key}-{keyed.key('model', 'augment', 'lora', 'train', 'answer')}-{drawn}"
+        if cfg.train.locality:
+            adapter_key += f"p{locality.VERSION}"  # the probe set trained on
         for kind in ("init", "base"):  # the warm-up/format adapter's contents, not just its path, decide training
             path = getattr(cfg.lora, kind)
             if path:
