@@ -10,9 +10,9 @@ does): the LoRA is pushed to change only what its own pairs ask.
 The probes are general-knowledge questions in the forms the benchmarks ask (occupations, places,
 dates, people, comparisons), about well-known subjects no retrieved Wikipedia passage of ours is
 likely to be about; the replies only carry the teacher forcing (the loss compares distributions at
-every reply token, it does not train the reply). Written for this project. No yes/no questions: with
-them (version 1) the summed LoRAs answered "yes" to half of all questions, the frozen model's high
-"yes" probability on those probes leaking into every answer.
+every reply token, it does not train the reply). Written for this project. Version 2 dropped version
+1's two yes/no questions; with either set the summed LoRAs of three documents answered "yes" to most
+tune questions (docs/results.md, "A locality term"), so this is an option under study, not a default.
 """
 
 from __future__ import annotations
