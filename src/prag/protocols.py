@@ -7,14 +7,16 @@ under anything the user sets. It is picked from the dataset's name (the folder o
 Two profiles:
 
     default    this project's choices: direct answers on every dataset (chain-of-thought, the reference's
-               choice for the multi-hop sets, is `--set answer.style=cot`; the two are not yet compared
-               on the tune slice), the short-answer instruction in every mode (the strong baseline; the
-               `examples` variant scored higher on the tune slice in closed and rag and is not measured
-               in the parametric modes yet, docs/results.md), loss on answer tokens (chosen on the first
-               50 dev questions, before the slices existed). On PopQA the documents are parameterized
-               with the "spans" recipe (`SPANS`): it beat the default recipe on 38 PopQA tune questions
-               (both relations) in `prag` (+0.27) and tied it in `combine`, at half the offline cost;
-               on HotpotQA and 2WikiMultihopQA it lost (docs/results.md, "Covered and stored")
+               choice for the multi-hop sets, is `--set answer.style=cot`: on 40 tune questions it led
+               direct by 0.02-0.05 in closed and rag, within the intervals, at 1.3-3.8x the latency; the
+               parametric modes are not compared yet), the short-answer instruction in every mode (the
+               strong baseline; the `examples` variant scored higher on the tune slice in closed and rag
+               and is not measured in the parametric modes yet, docs/results.md), loss on answer tokens
+               (chosen on the first 50 dev questions, before the slices existed). On PopQA the documents
+               are parameterized with the "spans" recipe (`SPANS`): it beat the default recipe on 38
+               PopQA tune questions (both relations) in `prag` (+0.27) and tied it in `combine`, at half
+               the offline cost; on HotpotQA and 2WikiMultihopQA it lost (docs/results.md, "Covered and
+               stored")
     reference  the reference implementation's own per-dataset settings (github oneal2000/PRAG,
                configs/*_llama3.2-1b-instruct.sh and src/prompt_template.py): chain-of-thought with
                few-shot examples and full-sentence training answers on HotpotQA and 2WikiMultihopQA
