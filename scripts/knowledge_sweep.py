@@ -1,7 +1,10 @@
 """The knowledge yardstick per recipe: F1 with the right documents' LoRAs and with unrelated documents' LoRAs,
 their difference with its 95% paired-bootstrap interval, in `prag` and `combine`, and the offline seconds per
 document each run built. Each run is a `prag eval` directory that answered prag, combine, prag-unrelated and
-combine-unrelated; `closed` and `rag` come from the run itself or from `--baseline DATASET=RUN`.
+combine-unrelated; `closed` and `rag` come from the run itself or from `--baseline DATASET=RUN`. A RUN_DIR may
+be several directories joined by commas: chunks of one evaluation on disjoint questions (`--offset`), pooled.
+A second table gives each recipe against `rag`: `prag` - `rag` and `combine` - `rag` with their intervals, and
+`combine` / `rag`.
 
 python scripts/knowledge_sweep.py default=runs/f1/default-hotpotqa "none e3=runs/s21/ctxnone-e3-lr1e-3-hotpotqa" \
     --plot docs/knowledge_sweep.png
@@ -15,18 +18,39 @@ from pathlib import Path
 
 from compare import fmt, mean, paired, per_question_f1
 
+OFFLINE = ("documents_parameterized", "augment_s", "train_s")  # summed over the chunks of a pooled run
 
-def row(label: str, run: Path, baselines: dict[str, Path]) -> dict:
-    scores, metrics = per_question_f1(run), json.loads((run / "metrics.json").read_text())
+
+def pooled(runs: str) -> tuple[dict[str, dict[str, float]], dict]:
+    """Per-question F1 and metrics of one or more comma-separated runs of the same evaluation on disjoint
+    questions; the offline seconds and documents are summed."""
+    scores: dict[str, dict[str, float]] = {}
+    metrics: dict = {}
+    for run in (Path(r) for r in runs.split(",")):
+        part, m = per_question_f1(run), json.loads((run / "metrics.json").read_text())
+        for mode, by_id in part.items():
+            if scores.get(mode, {}).keys() & by_id.keys():
+                raise ValueError(f"{run}: answers questions another chunk of {runs!r} answered too")
+            scores.setdefault(mode, {}).update(by_id)
+        if metrics and m["dataset"] != metrics["dataset"]:
+            raise ValueError(f"{run}: dataset {m['dataset']!r}, the other chunks' is {metrics['dataset']!r}")
+        offline = {k: metrics.get("offline", {}).get(k, 0) + (m["offline"].get(k) or 0) for k in OFFLINE}
+        metrics = {**m, "offline": offline}
+    return scores, metrics
+
+
+def row(label: str, runs: str, baselines: dict[str, str]) -> dict:
+    scores, metrics = pooled(runs)
     dataset, offline = metrics["dataset"], metrics["offline"]
-    base = scores if "rag" in scores else per_question_f1(baselines[dataset])
+    base = scores if "rag" in scores else pooled(baselines[dataset])[0]
     built = offline.get("documents_parameterized") or 0
-    out = {"dataset": dataset, "recipe": label, "n": len(scores["prag"])}
+    out = {"dataset": dataset, "recipe": label, "n": len(scores["prag"]), "slice": metrics["slice"]["name"]}
     out.update(closed=mean(base["closed"]), rag=mean(base["rag"]))
     for mode in ("prag", "combine"):
         out[mode] = mean(scores[mode])
         out[f"{mode} unrelated"] = mean(scores[f"{mode}-unrelated"])
         out[f"{mode} right - unrelated"] = paired(scores[f"{mode}-unrelated"], scores[mode])
+        out[f"{mode} - rag"] = paired(base["rag"], scores[mode])
     out["s/doc"] = (offline["augment_s"] / built, offline["train_s"] / built) if built else None
     return out
 
@@ -46,6 +70,13 @@ def markdown(rows: list[dict]) -> str:
                 for m in ("prag", "combine")
             )
             + f" | {cost} |"
+        )
+    lines += ["", "| dataset | recipe | n | prag - rag | combine - rag | combine / rag |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['combine'] / r['rag']:.2f}" if r["rag"] else ""
+        lines.append(
+            f"| {r['dataset']} | {r['recipe']} | {r['n']} | {fmt(r['prag - rag'])} | {fmt(r['combine - rag'])} "
+            f"| {ratio} |"
         )
     return "\n".join(lines)
 
@@ -75,7 +106,7 @@ def plot(rows: list[dict], path: str) -> None:
             )
         ax.axhline(shown[0]["rag"], color="0.3", linestyle="--", linewidth=1, label="rag")
         ax.set_xticks(list(x), [r["recipe"] for r in shown], fontsize=7)
-        ax.set_title(f"{dataset} (n={shown[0]['n']}, tune slice)")
+        ax.set_title(f"{dataset} (n={shown[0]['n']}, {shown[0]['slice']} slice)")
         ax.set_ylabel("token F1")
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -94,8 +125,8 @@ def main() -> None:
     )
     parser.add_argument("--plot", help="write right vs unrelated LoRAs per recipe here (PNG)")
     args = parser.parse_args()
-    baselines = {d: Path(run) for d, _, run in (b.partition("=") for b in args.baseline)}
-    rows = [row(label, Path(run), baselines) for label, _, run in (r.partition("=") for r in args.runs)]
+    baselines = {d: runs for d, _, runs in (b.partition("=") for b in args.baseline)}
+    rows = [row(label, runs, baselines) for label, _, runs in (r.partition("=") for r in args.runs)]
     print(markdown(rows))
     if args.plot:
         plot(rows, args.plot)
