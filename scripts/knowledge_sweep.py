@@ -104,9 +104,12 @@ def plot(rows: list[dict], path: str) -> None:
                 hatch="///",
                 label=f"{mode}, unrelated LoRAs",
             )
-        ax.axhline(shown[0]["rag"], color="0.3", linestyle="--", linewidth=1, label="rag")
-        ax.set_xticks(list(x), [r["recipe"] for r in shown], fontsize=7)
-        ax.set_title(f"{dataset} (n={shown[0]['n']}, {shown[0]['slice']} slice)")
+        for k, r in zip(x, shown, strict=True):  # each row's own rag (rows may answer different questions)
+            ax.hlines(
+                r["rag"], k - 0.45, k + 0.45, color="0.3", linestyle="--", linewidth=1, label="rag" if k == 0 else None
+            )
+        ax.set_xticks(list(x), [f"{r['recipe']}\n(n={r['n']})" for r in shown], fontsize=7)
+        ax.set_title(f"{dataset}, {shown[0]['slice']} slice")
         ax.set_ylabel("token F1")
         ax.legend(fontsize=6)
     fig.tight_layout()
