@@ -220,3 +220,4 @@ def test_adapters_trained_with_probes_are_keyed_by_the_probe_set(tmp_path):
     config.set("train.locality", 6)
     probed = Pipeline(tmp_path, config)
     assert str(probed.adapters.root).endswith(f"p{locality.VERSION}") and probed.adapters.root != plain.adapters.root
+    assert not any(a.lower() in ("yes", "no") for _, a in locality.PROBES)  # version 2 dropped the yes/no probes
