@@ -53,7 +53,7 @@ def test_a_field_added_later_keys_only_when_changed():
     "dotted, value, message",
     [
         ("train.loss_on", "al", "bad value 'al' for train.loss_on: choose from answer, all"),
-        ("answer.merge", "avg", "bad value 'avg' for answer.merge: choose from sum, mean"),
+        ("answer.merge", "avg", "bad value 'avg' for answer.merge: choose from sum, mean, matched"),
         ("augment.qa_style", "answer-first", "augment.qa_style: choose from free, answer_first"),
         ("answer.init_in_all_modes", "ture", "bad value 'ture' for answer.init_in_all_modes (bool)"),
         ("train.epochs", "two", "bad value 'two' for train.epochs (int)"),

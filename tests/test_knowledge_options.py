@@ -18,6 +18,7 @@ from prag.llm import LLM
 from prag.locality import PROBES, locality_probes
 from prag.lora import LoRAModel, init_adapter
 from prag.parameterize import IGNORE, Sequence, label_logits, train_adapters, training_sequences
+from prag.pipeline import question_match
 from prag.prompt import AnswerFormat
 
 PASSAGE = Passage("d1", "Ada Lovelace", "Ada Lovelace was an English mathematician who died in London in 1852.")
@@ -221,3 +222,55 @@ def test_adapters_trained_with_probes_are_keyed_by_the_probe_set(tmp_path):
     probed = Pipeline(tmp_path, config)
     assert str(probed.adapters.root).endswith(f"p{locality.VERSION}") and probed.adapters.root != plain.adapters.root
     assert not any(a.lower() in ("yes", "no") for _, a in locality.PROBES)  # version 2 dropped the yes/no probes
+
+
+def test_question_match_is_the_share_of_the_questions_words_one_stored_question_asks():
+    question = "Which magazine was started first, Arthur's Magazine or First for Women?"
+    assert question_match(question, ["When was Arthur's Magazine started?", "Who founded it?"]) == pytest.approx(3 / 5)
+    assert question_match(question, ["Who founded it?", "What is First for Women?"]) == pytest.approx(2 / 5)
+    assert question_match(question, ["Where was John Smith born?"]) == 0.0
+    assert question_match(question, []) == 0.0  # a document with no stored pairs adds nothing
+    assert question_match("Who is it?", ["Where was John Smith born?"]) == 1.0  # no content words: no evidence
+
+
+def test_matched_merge_weighs_each_stored_lora_by_its_documents_questions(tiny_llm, tmp_path):
+    config = Config()
+    config.answer.merge = "matched"
+    config.answer.lora_scale = 0.5
+    pipeline = Pipeline(tmp_path / "home", config, llm=tiny_llm)
+    shapes = pipeline.lora_model.shapes(config.lora.rank)
+    magazine = Passage("m", "Arthur's Magazine", "Arthur's Magazine (1844-1846) was an American literary periodical.")
+    person = Passage("p", "John Smith", "John Smith was born in Ohio.")
+    questions = {"m": "When was Arthur's Magazine started?", "p": "Where was John Smith born?"}
+    for seed, p in enumerate((magazine, person)):
+        pipeline.adapters.put(p.id, {k: v + 0.1 * (seed + 1) for k, v in init_adapter(shapes, seed).items()})
+        pipeline.augmentations.put(Augmentation(p.id, qa=[{"question": questions[p.id], "answer": "x"}]))
+    question = "Which magazine was started first, Arthur's Magazine or First for Women?"
+    stored = [pipeline.adapters.get("m"), pipeline.adapters.get("p")]
+    for mode in ("prag", "combine", "prag-unrelated"):  # the controls are weighed by the same rule
+        prepared = pipeline.prepare(question, mode, passages=[magazine, person], lora_passages=[magazine, person])
+        expected = lora.merge(stored, [0.5 * 3 / 5, 0.0])
+        for module in config.lora.target_modules:
+            torch.testing.assert_close(
+                lora.delta(prepared.adapter, module, 0, 2.0), lora.delta(expected, module, 0, 2.0)
+            )
+    pipeline.config.answer.merge = "sum"  # the reference's sum: every document at full weight
+    prepared = pipeline.prepare(question, "prag", passages=[magazine, person])
+    torch.testing.assert_close(
+        lora.delta(prepared.adapter, "down_proj", 0, 2.0),
+        lora.delta(lora.merge(stored, [0.5, 0.5]), "down_proj", 0, 2.0),
+    )
+
+
+def test_matched_merge_names_what_it_cannot_weigh(tiny_llm, tmp_path):
+    config = Config()
+    config.answer.merge = "matched"
+    pipeline = Pipeline(tmp_path / "home", config, llm=tiny_llm)
+    doc = Passage("d", "Ada Lovelace", "Ada Lovelace was an English mathematician.")
+    pipeline.adapters.put("d", init_adapter(pipeline.lora_model.shapes(config.lora.rank), 1))
+    with pytest.raises(
+        ValueError, match="answer.merge=matched: document 'd' has a stored LoRA but no stored augmentation"
+    ):
+        pipeline.prepare("Who was Ada Lovelace?", "prag", passages=[doc])
+    with pytest.raises(ValueError, match="answer.merge: 'matched' weighs trained LoRAs.*'dyprag'"):
+        pipeline.prepare("Who was Ada Lovelace?", "dyprag", passages=[doc])

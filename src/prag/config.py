@@ -46,7 +46,7 @@ CHOICES = {
     "augment.qa_style": ("free", "answer_first"),
     "answer.style": ("direct", "cot"),
     "answer.instruction": ("short", "examples", "reference"),
-    "answer.merge": ("sum", "mean"),
+    "answer.merge": ("sum", "mean", "matched"),
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # Counts with a least sensible value: below it a run would do nothing, or fail deep inside.
@@ -161,7 +161,9 @@ class AnswerConfig:
     fewshot: str = ""  # cot: a bundled example set (hotpotqa, 2wikimultihopqa) or a JSON file of {question, answer}
     max_new_tokens: int = 32
     lead_in: str = "The answer is"
-    merge: str = "sum"  # k retrieved documents' LoRAs: "sum" of their deltas (reference) or "mean"
+    # k retrieved documents' LoRAs: "sum" of their deltas (reference), "mean", or "matched": summed, each
+    # weighted by how much of the question one of its document's stored questions asks (pipeline.question_match)
+    merge: str = "sum"
     lora_scale: float = 1.0  # the documents' merged delta is multiplied by this at question time
     init_in_all_modes: bool = False  # with a warm-up adapter (lora.init): inject it in closed/rag too
 

@@ -24,11 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import Stemmer
+from bm25s.stopwords import STOPWORDS_EN_PLUS
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -52,6 +55,7 @@ TRAINED_LORAS = {"prag", "combine", "prag-unrelated", "combine-unrelated"}  # me
 GENERATED_LORAS = {"dyprag", "dyprag-combine", "dyprag-unrelated"}  # merge the LoRAs the translator generates
 MAX_QUESTION_CHARS = 2000
 MAX_TOP_K = 50
+_STEMMER = Stemmer.Stemmer("english")
 
 
 @dataclass
@@ -428,6 +432,11 @@ class Pipeline:
         k = check_question(question, top_k, self.config.answer.top_k)
         if mode not in ALL_MODES:
             raise ValueError(f"mode: unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
+        if mode in GENERATED_LORAS and self.config.answer.merge == "matched":
+            raise ValueError(
+                f"answer.merge: 'matched' weighs trained LoRAs by their documents' stored questions, and mode "
+                f"{mode!r} generates its LoRAs from the passages alone: use sum or mean"
+            )
         if mode in GENERATED_LORAS:
             self.translator  # noqa: B018  (no translator: the error that names the command to train one, at once)
         timings: dict[str, float] = {}
@@ -466,20 +475,36 @@ class Pipeline:
         prepared.missing = [p for p in prepared.lora_passages if not self.adapters.has(p.id)]
         if ready:
             t = time.perf_counter()
-            prepared.adapter = self.merge([self.adapters.get(p.id) for p in ready])
+            relevance = self.relevance(prepared.question, ready) if self.config.answer.merge == "matched" else None
+            prepared.adapter = self.merge([self.adapters.get(p.id) for p in ready], relevance)
             prepared.timings["load_merge"] = time.perf_counter() - t
         elif not prepared.lora_passages and self.config.answer.init_in_all_modes and self.initial_adapter is not None:
             prepared.adapter = self.initial_adapter  # the warmed-up model as the baseline, without any document
         return prepared
 
-    def merge(self, adapters: list[lora.Adapter]) -> lora.Adapter:
-        """The documents' LoRAs as one adapter: summed or averaged (`answer.merge`), times `answer.lora_scale`,
-        beside the format adapter (`lora.base`) if there is one."""
-        share = 1.0 if self.config.answer.merge == "sum" else 1 / len(adapters)
-        weights = [share * self.config.answer.lora_scale] * len(adapters)
+    def merge(self, adapters: list[lora.Adapter], relevance: list[float] | None = None) -> lora.Adapter:
+        """The documents' LoRAs as one adapter: summed, averaged or summed with a weight per document
+        (`answer.merge`; `relevance`, for "matched"), times `answer.lora_scale`, beside the format adapter
+        (`lora.base`) if there is one."""
+        share = 1 / len(adapters) if self.config.answer.merge == "mean" else 1.0
+        weights = [share * self.config.answer.lora_scale * r for r in relevance or [1.0] * len(adapters)]
         if self.base_adapter is not None:  # the format adapter once, beside the documents' deltas
             adapters, weights = [self.base_adapter, *adapters], [1.0, *weights]
         return lora.merge(adapters, weights)
+
+    def relevance(self, question: str, passages: list[Passage]) -> list[float]:
+        """answer.merge=matched: each document's weight is how much of the question one of its stored
+        questions asks (`question_match`), so that a retrieved document whose pairs do not touch the question
+        adds little of its LoRA, whatever answer that LoRA has learned to give."""
+        weights = []
+        for p in passages:
+            if not self.augmentations.has(p.id):
+                raise ValueError(
+                    f"answer.merge=matched: document {p.id!r} has a stored LoRA but no stored augmentation "
+                    f"in {self.augmentations.root} to weigh it by"
+                )
+            weights.append(question_match(question, [qa["question"] for qa in self.augmentations.get(p.id).qa]))
+        return weights
 
     def translate(self, batch: list[Prepared]) -> None:
         """Generate the LoRAs of the rows' `translate` documents (all of them in one forward pass) and merge each
@@ -545,6 +570,22 @@ class Pipeline:
             answer.prompt_tokens = len(prepared.prompt)
             answers.append(answer)
         return answers
+
+
+def content_words(text: str) -> set[str]:
+    """Stemmed words without English stopwords: what `question_match` compares."""
+    words = [w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS_EN_PLUS]
+    return set(_STEMMER.stemWords(words))
+
+
+def question_match(question: str, stored_questions: list[str]) -> float:
+    """The largest share of the question's content words that one stored question holds (0 to 1); 1 when
+    the question has no content words (nothing to weigh by). "When was Arthur's Magazine started?" holds
+    3 of the 5 of "Which magazine was started first, Arthur's Magazine or First for Women?"."""
+    wanted = content_words(question)
+    if not wanted:
+        return 1.0
+    return max((len(wanted & content_words(q)) / len(wanted) for q in stored_questions), default=0.0)
 
 
 def check_question(question: object, top_k: object = None, default_top_k: int = 3) -> int:
