@@ -247,13 +247,19 @@ def test_matched_merge_weighs_each_stored_lora_by_its_documents_questions(tiny_l
         pipeline.augmentations.put(Augmentation(p.id, qa=[{"question": questions[p.id], "answer": "x"}]))
     question = "Which magazine was started first, Arthur's Magazine or First for Women?"
     stored = [pipeline.adapters.get("m"), pipeline.adapters.get("p")]
-    for mode in ("prag", "combine", "prag-unrelated"):  # the controls are weighed by the same rule
-        prepared = pipeline.prepare(question, mode, passages=[magazine, person], lora_passages=[magazine, person])
+    for mode in ("prag", "combine"):
+        prepared = pipeline.prepare(question, mode, passages=[magazine, person])
         expected = lora.merge(stored, [0.5 * 3 / 5, 0.0])
         for module in config.lora.target_modules:
             torch.testing.assert_close(
                 lora.delta(prepared.adapter, module, 0, 2.0), lora.delta(expected, module, 0, 2.0)
             )
+    # a control merges the unrelated LoRAs at the weights of the question's own documents, not at their own (~0)
+    prepared = pipeline.prepare(
+        question, "prag-unrelated", passages=[magazine, person], lora_passages=[person, magazine]
+    )
+    expected = lora.merge(stored[::-1], [0.5 * 3 / 5, 0.0])
+    torch.testing.assert_close(lora.delta(prepared.adapter, "up_proj", 1, 2.0), lora.delta(expected, "up_proj", 1, 2.0))
     pipeline.config.answer.merge = "sum"  # the reference's sum: every document at full weight
     prepared = pipeline.prepare(question, "prag", passages=[magazine, person])
     torch.testing.assert_close(

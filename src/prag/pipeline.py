@@ -455,6 +455,8 @@ class Pipeline:
         if merged_from and build and mode in TRAINED_LORAS:
             t = time.perf_counter()
             self.parameterize(merged_from, show_progress)  # a no-op once the documents are stored
+            if mode in CONTROLS and self.config.answer.merge == "matched":
+                self.augment_missing(passages, show_progress)  # the weights come from the question's own documents
             timings["parameterize"] = time.perf_counter() - t
         in_prompt = [p.contents for p in passages] if mode in PASSAGES_IN_PROMPT else []
         prompt = self.format.chat_ids(self.llm, question, in_prompt)
@@ -475,7 +477,12 @@ class Pipeline:
         prepared.missing = [p for p in prepared.lora_passages if not self.adapters.has(p.id)]
         if ready:
             t = time.perf_counter()
-            relevance = self.relevance(prepared.question, ready) if self.config.answer.merge == "matched" else None
+            relevance = None
+            if self.config.answer.merge == "matched":
+                # a control merges unrelated LoRAs at the weights the question's own documents get: the gate's
+                # strength is the same, only what the LoRAs hold differs (their own weights would be ~0)
+                weighed = prepared.passages if prepared.mode in CONTROLS else ready
+                relevance = (self.relevance(prepared.question, weighed) + [0.0] * len(ready))[: len(ready)]
             prepared.adapter = self.merge([self.adapters.get(p.id) for p in ready], relevance)
             prepared.timings["load_merge"] = time.perf_counter() - t
         elif not prepared.lora_passages and self.config.answer.init_in_all_modes and self.initial_adapter is not None:
@@ -495,7 +502,8 @@ class Pipeline:
     def relevance(self, question: str, passages: list[Passage]) -> list[float]:
         """answer.merge=matched: each document's weight is how much of the question one of its stored
         questions asks (`question_match`), so that a retrieved document whose pairs do not touch the question
-        adds little of its LoRA, whatever answer that LoRA has learned to give."""
+        adds little of its LoRA, whatever answer that LoRA has learned to give. The control modes apply the
+        weights of the question's own documents to the unrelated LoRAs (`merge_adapters`)."""
         weights = []
         for p in passages:
             if not self.augmentations.has(p.id):
