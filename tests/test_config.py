@@ -32,13 +32,14 @@ def test_keys_ignore_fields_that_do_not_change_what_is_stored():
 
 
 def test_a_field_added_later_keys_only_when_changed():
-    """`train.qa_context` and `train.locality*` at their defaults keep the key stores had before they existed."""
+    """`train.qa_context`, `train.locality*` and `train.prefix` at their defaults keep the key stores had before
+    they existed."""
     import hashlib
 
     from prag.config import NOT_KEYED
 
     values = {k: v for k, v in Config().to_dict()["train"].items() if f"train.{k}" not in NOT_KEYED}
-    del values["qa_context"], values["locality"], values["locality_context"]
+    del values["qa_context"], values["locality"], values["locality_context"], values["prefix"]
     before = hashlib.sha256(json.dumps({"train": values}, sort_keys=True).encode()).hexdigest()[:12]
     config = Config()
     assert config.key("train") == before
@@ -46,6 +47,9 @@ def test_a_field_added_later_keys_only_when_changed():
     assert config.key("train") != before
     config = Config()
     config.set("train.locality", 4)
+    assert config.key("train") != before
+    config = Config()
+    config.set("train.prefix", "frozen")
     assert config.key("train") != before
 
 

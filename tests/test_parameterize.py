@@ -188,3 +188,55 @@ def test_compile_decision():
     assert should_compile(TrainConfig(compile="on"), 1, cpu)
     assert not should_compile(TrainConfig(compile="off"), 10 * COMPILE_MIN_DOCS, cpu)
     assert not should_compile(TrainConfig(), COMPILE_MIN_DOCS - 1, cpu)  # not worth its compile time
+
+
+def with_prefix(prefix: list[int], documents: list[list[int]], labelled_from: int) -> list[list[Sequence]]:
+    """Documents whose sequences are `prefix` + their own tokens (each starting with a token of its own)."""
+    out = []
+    for doc in documents:
+        out.append([])
+        for first, rest in enumerate(doc):
+            ids = prefix + [3000 + first] + rest
+            out[-1].append(Sequence(ids, [IGNORE] * labelled_from + ids[labelled_from:]))
+    return out
+
+
+def test_a_frozen_prefix_is_computed_once_and_changes_nothing_without_a_lora(tiny_llm):
+    from prag.parameterize import FrozenPrefix, label_logits
+
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 2000, (20,), generator=g).tolist()
+    rests = [torch.randint(0, 2000, (n,), generator=g).tolist() for n in (6, 11, 8)]
+    [sequences] = with_prefix(prefix, [rests], labelled_from=24)
+    frozen = FrozenPrefix.compute(tiny_llm, sequences)
+    assert frozen.length == 20 and frozen.cache.get_seq_length() == 20
+    # the rest of each sequence on top of the prefix's keys and values: the same logits as the whole sequence
+    for whole, rest in zip(label_logits(tiny_llm, sequences), label_logits(tiny_llm, sequences, frozen), strict=True):
+        torch.testing.assert_close(whole, rest, rtol=1e-4, atol=1e-5)
+    # the prefix stops before the token that predicts the first label, whatever the sequences share
+    [early] = with_prefix(prefix, [rests], labelled_from=18)
+    assert FrozenPrefix.compute(tiny_llm, early).length == 17
+    [short] = with_prefix(prefix[:10], [rests], labelled_from=12)
+    assert FrozenPrefix.compute(tiny_llm, short) is None  # under MIN_SHARED_PREFIX: not worth a cache
+
+
+def test_training_on_a_frozen_prefix_is_exact_per_document_and_learns(tiny_llm):
+    """Batched training with a frozen prefix learns what each document learns alone with it, and differs from
+    training the LoRA on every token."""
+    lora_model = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 2000, (24,), generator=g).tolist()
+    docs = [[torch.randint(0, 2000, (n,), generator=g).tolist() for n in lengths] for lengths in ([6, 9], [7, 5, 8])]
+    documents = with_prefix(prefix, docs, labelled_from=27)
+    frozen = TrainConfig(lr=1e-3, epochs=2, prefix="frozen")
+    batched = train_adapters(tiny_llm, lora_model, documents, LoRAConfig(), frozen, show_progress=False)
+    alone = [train_adapters(tiny_llm, lora_model, [d], LoRAConfig(), frozen, show_progress=False)[0] for d in documents]
+    everywhere = train_adapters(
+        tiny_llm, lora_model, documents, LoRAConfig(), TrainConfig(lr=1e-3, epochs=2), None, False
+    )
+    initial = init_adapter(lora_model.shapes(LoRAConfig().rank), LoRAConfig().init_seed)
+    for b, a, e in zip(batched, alone, everywhere, strict=True):
+        for key in b:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+        assert not torch.equal(b["down_proj.B"], initial["down_proj.B"])  # it trained
+        assert not torch.allclose(b["down_proj.B"], e["down_proj.B"], rtol=1e-3, atol=1e-6)  # on fewer tokens

@@ -33,7 +33,13 @@ NOT_KEYED = {
 }
 # Fields added after stores existed: keyed only when they differ from their default, so that what was
 # stored before they existed (built as their default builds) is still found.
-KEYED_IF_CHANGED = {"train.qa_context", "augment.roundtrip", "train.locality", "train.locality_context"}
+KEYED_IF_CHANGED = {
+    "train.qa_context",
+    "augment.roundtrip",
+    "train.locality",
+    "train.locality_context",
+    "train.prefix",
+}
 # Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
 CHOICES = {
     "model.dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -41,6 +47,7 @@ CHOICES = {
     "train.loss_on": ("answer", "all", "grounded"),
     "train.qa_context": ("reference", "none", "both"),
     "train.locality_context": ("alone", "passage", "both"),
+    "train.prefix": ("lora", "frozen"),
     "train.store_dtype": ("bfloat16", "float16", "float32"),
     "train.compile": ("auto", "on", "off"),
     "augment.qa_style": ("free", "answer_first"),
@@ -118,6 +125,11 @@ class TrainConfig:
     # the probes asked "alone" (as `prag` asks), with the document's "passage" in the prompt (as `combine`
     # asks), or "both"
     locality_context: str = "alone"
+    # "lora": the LoRA is trained on every token (reference). "frozen": the leading tokens that every training
+    # sequence of a group shares (chat header, instruction) are computed once per group by the model without
+    # the LoRA, and each step runs the rest only (on PopQA's protocol most of a sequence is that prefix);
+    # answering still applies the LoRA to every token
+    prefix: str = "lora"
     docs_per_batch: int = 16  # documents trained together in one forward/backward pass...
     max_tokens_per_step: int = 8192  # ...as long as their padded sequences stay within this many tokens
     # torch.compile the decoder layers while training (fuses the work around the matmuls, ~1.2x on a

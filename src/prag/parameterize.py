@@ -11,6 +11,10 @@ next sequence is much shorter wait for a later step), padded to the longest of
 them, never to a fixed length; with causal attention, right padding never
 changes the real tokens, so no attention mask is needed.
 
+With `train.prefix = "frozen"` the leading tokens that every sequence of a group shares (the chat header and
+the instruction: most of a sequence under PopQA's protocol) are computed once per group by the model without
+the documents' LoRAs, and every step runs only the tokens after them on top of those keys and values.
+
 Context distillation (`train.objective = "distill"`) swaps the loss: for each
 generated question, the model without the passage (and with the document's
 LoRA) is trained to match, token by token over the answer, the distribution of
@@ -31,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .augment import Augmentation
 from .config import LoRAConfig, TrainConfig
 from .corpus import Passage
-from .llm import LLM
+from .llm import LLM, MIN_SHARED_PREFIX, shared_prefix
 from .locality import locality_probes
 from .lora import Adapter, LoRAModel, find_decoder_layers, init_adapter
 from .prompt import AnswerFormat
@@ -166,6 +171,39 @@ def _prompt_ids(llm: LLM, fmt: AnswerFormat, question: str, context: list[str], 
     return fmt.chat_ids(llm, question, [llm.tokenizer.decode(words[:keep])])
 
 
+@dataclass
+class FrozenPrefix:
+    """The keys and values of the leading tokens every sequence of a training group shares, computed once
+    by the model without the documents' LoRAs (`train.prefix = "frozen"`)."""
+
+    length: int
+    cache: DynamicCache  # batch size 1
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, llm: LLM, sequences: list[Sequence]) -> FrozenPrefix | None:
+        """None when the sequences share fewer than MIN_SHARED_PREFIX tokens. The prefix ends before the token
+        that predicts the first label, so every label is predicted from a position the LoRA runs on."""
+        if not sequences:
+            return None
+        common = shared_prefix([s.input_ids for s in sequences])
+        first_label = min(1 + next(i for i, x in enumerate(s.labels[1:]) if x != IGNORE) for s in sequences)
+        length = min(len(common), first_label - 1)
+        if length < MIN_SHARED_PREFIX:
+            return None
+        cache = DynamicCache(config=llm.model.config)
+        ids = torch.tensor([common[:length]], device=llm.device)
+        llm.model.model(input_ids=ids, cache=cache, use_cache=True)
+        return cls(length, cache)
+
+    def expand(self, batch: int) -> DynamicCache:
+        """A cache holding the prefix for `batch` rows (views, not copies: a step appends to new tensors)."""
+        cache = DynamicCache()
+        for i, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1), i)
+        return cache
+
+
 def _trainable(sequence: Sequence, max_length: int) -> bool:
     return len(sequence.input_ids) <= max_length and any(label != IGNORE for label in sequence.labels[1:])
 
@@ -252,6 +290,7 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar, base=None) -
         lora_model.inject(fixed, lora.scale)
     try:
         teacher = _teacher_log_probs(llm, [s for seqs in group for s in seqs])
+        frozen = FrozenPrefix.compute(llm, [s for seqs in group for s in seqs]) if train.prefix == "frozen" else None
     finally:
         lora_model.clear()
     done = [0] * n  # how many of its sequences each document has trained on
@@ -270,7 +309,7 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar, base=None) -
             rows = torch.tensor(chosen)
             batch = [schedules[j][done[j]] for j in chosen]
             lora_model.inject(_with_base({k: p[:, rows] for k, p in params.items()}, fixed), lora.scale)
-            loss = sequence_losses(llm, batch, teacher).sum()
+            loss = sequence_losses(llm, batch, teacher, frozen).sum()
             loss.backward()
             optimizer.step(active.to(device))
             for j in chosen:
@@ -341,10 +380,12 @@ def _teacher_log_probs(llm: LLM, sequences: list[Sequence], batch_size: int = 8)
     return out
 
 
-def sequence_losses(llm: LLM, batch: list[Sequence], teacher: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def sequence_losses(
+    llm: LLM, batch: list[Sequence], teacher: dict[int, torch.Tensor] | None = None, prefix: FrozenPrefix | None = None
+) -> torch.Tensor:
     """Each sequence's mean loss over its labelled tokens (like HF's loss at batch size 1): next-token
     cross-entropy, or KL(teacher || model) for sequences that have teacher distributions."""
-    logits, targets, rows, counts = label_logits(llm, batch)
+    logits, targets, rows, counts = label_logits(llm, batch, prefix)
     token_loss = F.cross_entropy(logits, targets, reduction="none")
     if teacher:
         distilled = torch.tensor([id(s) in teacher for s in batch], device=llm.device)[rows]
@@ -356,9 +397,10 @@ def sequence_losses(llm: LLM, batch: list[Sequence], teacher: dict[int, torch.Te
     return per_row / counts.clamp(min=1)
 
 
-def label_logits(llm: LLM, batch: list[Sequence]) -> tuple[torch.Tensor, ...]:
+def label_logits(llm: LLM, batch: list[Sequence], prefix: FrozenPrefix | None = None) -> tuple[torch.Tensor, ...]:
     """Float logits at the positions that predict a label (in order), those labels, their row in the
-    batch, and the number of labels per row. Only those positions go through the (large) vocabulary projection."""
+    batch, and the number of labels per row. Only those positions go through the (large) vocabulary projection.
+    With a `prefix` (which every sequence of the batch starts with), only the tokens after it are run."""
     width = max(len(s.input_ids) for s in batch)
     ids = torch.full((len(batch), width), llm.pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -368,7 +410,13 @@ def label_logits(llm: LLM, batch: list[Sequence]) -> tuple[torch.Tensor, ...]:
     ids, labels = ids.to(llm.device), labels.to(llm.device)
     # Right padding only: causal attention keeps real tokens from seeing the padding, so no mask
     # (which would also cost the fused causal attention kernel).
-    hidden = llm.model.model(input_ids=ids, use_cache=False).last_hidden_state
+    if prefix is None:
+        hidden = llm.model.model(input_ids=ids, use_cache=False).last_hidden_state
+    else:  # the rest of each sequence on top of the prefix's keys and values; no label lies in the prefix
+        start = prefix.length
+        positions = torch.arange(start, width, device=llm.device).expand(len(batch), -1)
+        run = llm.model.model(input_ids=ids[:, start:], position_ids=positions, cache=prefix.expand(len(batch)))
+        hidden, labels = run.last_hidden_state, labels[:, start:]
     targets = labels[:, 1:]
     keep = targets != IGNORE
     logits = llm.model.lm_head(hidden[:, :-1][keep]).float()
