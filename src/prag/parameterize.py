@@ -288,9 +288,10 @@ def _train_group(llm, lora_model, group, lora, train, initial, bar, base=None) -
     # the teacher is the model every mode answers with: the fixed base adapter in, no document's LoRA
     if fixed is not None:
         lora_model.inject(fixed, lora.scale)
+    every = [s for seqs in group for s in seqs]
     try:
-        teacher = _teacher_log_probs(llm, [s for seqs in group for s in seqs])
-        frozen = FrozenPrefix.compute(llm, [s for seqs in group for s in seqs]) if train.prefix == "frozen" else None
+        teacher = _teacher_log_probs(llm, every)
+        frozen = FrozenPrefix.compute(llm, every) if train.prefix == "frozen" else None
     finally:
         lora_model.clear()
     done = [0] * n  # how many of its sequences each document has trained on
