@@ -32,8 +32,8 @@ def test_keys_ignore_fields_that_do_not_change_what_is_stored():
 
 
 def test_a_field_added_later_keys_only_when_changed():
-    """`train.qa_context`, `train.locality*` and `train.prefix` at their defaults keep the key stores had before
-    they existed."""
+    """`train.qa_context`, `train.locality*` and `train.prefix` at the values that built the stores made before
+    they existed keep those stores' key; `train.prefix`, whose default changed since, keys its new default."""
     import hashlib
 
     from prag.config import NOT_KEYED
@@ -42,15 +42,16 @@ def test_a_field_added_later_keys_only_when_changed():
     del values["qa_context"], values["locality"], values["locality_context"], values["prefix"]
     before = hashlib.sha256(json.dumps({"train": values}, sort_keys=True).encode()).hexdigest()[:12]
     config = Config()
+    config.set("train.prefix", "lora")  # how every adapter stored before `train.prefix` existed was trained
     assert config.key("train") == before
     config.set("train.qa_context", "none")
     assert config.key("train") != before
     config = Config()
+    config.set("train.prefix", "lora")
     config.set("train.locality", 4)
     assert config.key("train") != before
-    config = Config()
-    config.set("train.prefix", "frozen")
-    assert config.key("train") != before
+    # the default trains on a frozen prefix: it must never find an adapter trained on every token
+    assert Config().train.prefix == "frozen" and Config().key("train") != before
 
 
 @pytest.mark.parametrize(

@@ -190,14 +190,18 @@ def test_compile_decision():
     assert not should_compile(TrainConfig(), COMPILE_MIN_DOCS - 1, cpu)  # not worth its compile time
 
 
-def with_prefix(prefix: list[int], documents: list[list[int]], labelled_from: int) -> list[list[Sequence]]:
-    """Documents whose sequences are `prefix` + their own tokens (each starting with a token of its own)."""
+def with_prefix(
+    prefix: list[int], documents: list[list[int]], labelled_from: int, own_start: int = 0
+) -> list[list[Sequence]]:
+    """Documents whose sequences are `prefix` (the format's fixed start) + their own tokens (each starting with
+    a token of its own; after `own_start` tokens that all the sequences of one document share, if any)."""
     out = []
-    for doc in documents:
+    for d, doc in enumerate(documents):
         out.append([])
+        shared = [3500 + d] * own_start
         for first, rest in enumerate(doc):
-            ids = prefix + [3000 + first] + rest
-            out[-1].append(Sequence(ids, [IGNORE] * labelled_from + ids[labelled_from:]))
+            ids = prefix + shared + [3000 + first] + rest
+            out[-1].append(Sequence(ids, [IGNORE] * labelled_from + ids[labelled_from:], fixed=len(prefix)))
     return out
 
 
@@ -218,6 +222,10 @@ def test_a_frozen_prefix_is_computed_once_and_changes_nothing_without_a_lora(tin
     assert FrozenPrefix.compute(tiny_llm, early).length == 17
     [short] = with_prefix(prefix[:10], [rests], labelled_from=12)
     assert FrozenPrefix.compute(tiny_llm, short) is None  # under MIN_SHARED_PREFIX: not worth a cache
+    # never past the format's fixed start, however much more the sequences share
+    [longer] = with_prefix(prefix, [rests], labelled_from=30, own_start=5)
+    assert FrozenPrefix.compute(tiny_llm, longer).length == 20
+    assert FrozenPrefix.compute(tiny_llm, [Sequence(s.input_ids, s.labels) for s in longer]) is None  # no fixed start
 
 
 def test_training_on_a_frozen_prefix_is_exact_per_document_and_learns(tiny_llm):
@@ -227,12 +235,14 @@ def test_training_on_a_frozen_prefix_is_exact_per_document_and_learns(tiny_llm):
     g = torch.Generator().manual_seed(1)
     prefix = torch.randint(0, 2000, (24,), generator=g).tolist()
     docs = [[torch.randint(0, 2000, (n,), generator=g).tolist() for n in lengths] for lengths in ([6, 9], [7, 5, 8])]
-    documents = with_prefix(prefix, docs, labelled_from=27)
+    # each document's own sequences share more than the prefix: alone, a group-wide shared prefix would be
+    # longer than in the batch, and the document would learn something else
+    documents = with_prefix(prefix, docs, labelled_from=30, own_start=3)
     frozen = TrainConfig(lr=1e-3, epochs=2, prefix="frozen")
     batched = train_adapters(tiny_llm, lora_model, documents, LoRAConfig(), frozen, show_progress=False)
     alone = [train_adapters(tiny_llm, lora_model, [d], LoRAConfig(), frozen, show_progress=False)[0] for d in documents]
     everywhere = train_adapters(
-        tiny_llm, lora_model, documents, LoRAConfig(), TrainConfig(lr=1e-3, epochs=2), None, False
+        tiny_llm, lora_model, documents, LoRAConfig(), TrainConfig(lr=1e-3, epochs=2, prefix="lora"), None, False
     )
     initial = init_adapter(lora_model.shapes(LoRAConfig().rank), LoRAConfig().init_seed)
     for b, a, e in zip(batched, alone, everywhere, strict=True):
@@ -240,3 +250,24 @@ def test_training_on_a_frozen_prefix_is_exact_per_document_and_learns(tiny_llm):
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
         assert not torch.equal(b["down_proj.B"], initial["down_proj.B"])  # it trained
         assert not torch.allclose(b["down_proj.B"], e["down_proj.B"], rtol=1e-3, atol=1e-6)  # on fewer tokens
+
+
+def test_training_sequences_mark_the_formats_fixed_start(tiny_llm):
+    """Every QA sequence starts with the format's own tokens (chat header, instruction, worked turns), and
+    `fixed` counts exactly those: not the "Question: What" that one document's pairs may share."""
+    from prag.augment import Augmentation
+    from prag.corpus import Passage
+    from prag.llm import shared_prefix
+    from prag.parameterize import prompt_start
+    from prag.prompt import SHORT_INSTRUCTION, AnswerFormat
+
+    passage = Passage("d1", "Ada Lovelace", "Ada Lovelace was an English mathematician who died in London in 1852.")
+    aug = Augmentation("d1", qa=[{"question": f"What {w} Ada Lovelace?", "answer": "London"} for w in ("of", "is")])
+    for fmt in (AnswerFormat(), AnswerFormat(instruction="examples")):
+        start = prompt_start(tiny_llm, fmt)
+        assert tiny_llm.tokenizer.decode(fmt.chat_ids(tiny_llm, "Q", [])[:start]).rstrip().endswith(SHORT_INSTRUCTION)
+        alone = training_sequences(tiny_llm, passage, aug, TrainConfig(qa_context="none"), fmt)
+        both = training_sequences(tiny_llm, passage, aug, TrainConfig(qa_context="both"), fmt)
+        assert len(alone) == 2 and len(both) == 3 and {s.fixed for s in alone + both} == {start}
+        assert len(shared_prefix([s.input_ids for s in both])) >= start
+        assert len(shared_prefix([s.input_ids for s in alone])) > start  # "Question: What" is not the format's

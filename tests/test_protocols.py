@@ -36,6 +36,7 @@ def test_reference_profile_is_the_reference_implementations_settings():
     assert popqa["train.epochs"] == 2 and popqa["answer.max_new_tokens"] == 20
     for settings in (hotpot, popqa, protocol_settings("unknown", "reference")):
         assert settings["answer.instruction"] == "reference" and settings["train.loss_on"] == "all"
+        assert settings["train.prefix"] == "lora"  # the reference trains the LoRA on every token
     assert protocol_settings("unknown") == {} and protocol_settings("none", "reference") == {}
     with pytest.raises(ValueError, match="unknown protocol profile"):
         protocol_settings("popqa", "paper")

@@ -31,14 +31,15 @@ NOT_KEYED = {
     "answer.lora_scale",
     "translator.checkpoint_every",
 }
-# Fields added after stores existed: keyed only when they differ from their default, so that what was
-# stored before they existed (built as their default builds) is still found.
+# Fields added after stores existed, with the value that built everything stored before they existed: keyed
+# only when they differ from it, so that those stores are still found. The value is fixed here, not read
+# from the defaults: a later change of default must key differently from what the old default stored.
 KEYED_IF_CHANGED = {
-    "train.qa_context",
-    "augment.roundtrip",
-    "train.locality",
-    "train.locality_context",
-    "train.prefix",
+    "train.qa_context": "reference",
+    "augment.roundtrip": False,
+    "train.locality": 0,
+    "train.locality_context": "alone",
+    "train.prefix": "lora",
 }
 # Fields that take one of a few words: a typo is an error when the config is built, not a silent default.
 CHOICES = {
@@ -125,11 +126,12 @@ class TrainConfig:
     # the probes asked "alone" (as `prag` asks), with the document's "passage" in the prompt (as `combine`
     # asks), or "both"
     locality_context: str = "alone"
-    # "lora": the LoRA is trained on every token (reference). "frozen": the leading tokens that every training
-    # sequence of a group shares (chat header, instruction) are computed once per group by the model without
-    # the LoRA, and each step runs the rest only (on PopQA's protocol most of a sequence is that prefix);
-    # answering still applies the LoRA to every token
-    prefix: str = "lora"
+    # "frozen" (default): the leading tokens that every training sequence of a group shares (chat header,
+    # instruction) are computed once per group by the model without the LoRA, and each step runs the rest
+    # only (on PopQA's protocol most of a sequence is that prefix; tune-slice F1 held on PopQA and HotpotQA,
+    # docs/performance.md); answering still applies the LoRA to every token. "lora": the LoRA is trained
+    # on every token, as in the reference
+    prefix: str = "frozen"
     docs_per_batch: int = 16  # documents trained together in one forward/backward pass...
     max_tokens_per_step: int = 8192  # ...as long as their padded sequences stay within this many tokens
     # torch.compile the decoder layers while training (fuses the work around the matmuls, ~1.2x on a
@@ -281,13 +283,13 @@ class Config:
 
         NOT_KEYED fields are left out, so that e.g. a bigger batch reuses what a smaller one stored.
         """
-        payload, defaults = {}, Config().to_dict()
+        payload, unkeyed = {}, object()
         for name in sections:
             values = dataclasses.asdict(getattr(self, name))
             payload[name] = {
                 k: v
                 for k, v in values.items()
-                if f"{name}.{k}" not in NOT_KEYED and not (f"{name}.{k}" in KEYED_IF_CHANGED and v == defaults[name][k])
+                if f"{name}.{k}" not in NOT_KEYED and v != KEYED_IF_CHANGED.get(f"{name}.{k}", unkeyed)
             }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 

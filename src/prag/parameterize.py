@@ -11,9 +11,11 @@ next sequence is much shorter wait for a later step), padded to the longest of
 them, never to a fixed length; with causal attention, right padding never
 changes the real tokens, so no attention mask is needed.
 
-With `train.prefix = "frozen"` the leading tokens that every sequence of a group shares (the chat header and
-the instruction: most of a sequence under PopQA's protocol) are computed once per group by the model without
-the documents' LoRAs, and every step runs only the tokens after them on top of those keys and values.
+With `train.prefix = "frozen"` (the default) the prompt format's own leading tokens, which every sequence
+starts with whatever its question and passages (the chat header and the instruction: most of a sequence under
+PopQA's protocol), are computed once per group by the model without the documents' LoRAs, and every step runs
+only the tokens after them on top of those keys and values. That start is fixed by the format, not by which
+documents share a group, so a document gets the same LoRA in any batch.
 
 Context distillation (`train.objective = "distill"`) swaps the loss: for each
 generated question, the model without the passage (and with the document's
@@ -58,6 +60,9 @@ class Sequence:
     labels: list[int]
     # distillation only: the same reply, labelled, after a prompt that holds the passage (the teacher's input)
     teacher: Sequence | None = None
+    # how many leading tokens are the prompt format's own (`prompt_start`), the same whatever the question
+    # and passages: what `train.prefix = "frozen"` may compute without the LoRA (0: none, e.g. plain text)
+    fixed: int = 0
 
 
 def training_sequences(
@@ -76,10 +81,11 @@ def training_sequences(
     with the passage (`train.locality_context`) and distilled from the frozen model itself, so that the
     LoRA leaves their answers as they were.
     """
+    start = prompt_start(llm, fmt)
     own = [passage.contents]
     contexts = {"alone": [[]], "passage": [own], "both": [[], own]}[train.locality_context]
     probes = [
-        _locality_sequence(llm, fmt, q, a, context, train)
+        _locality_sequence(llm, fmt, q, a, context, train, start)
         for q, a in locality_probes(passage.id, train.locality)
         for context in contexts
     ]
@@ -90,7 +96,7 @@ def training_sequences(
             student = _prompt_ids(llm, fmt, qa["question"], [], train.max_length - len(reply))
             reading = _prompt_ids(llm, fmt, qa["question"], [passage.contents], train.max_length - len(reply))
             teacher = Sequence(reading + reply, _labels(reading, reply, "answer"))
-            sequences.append(Sequence(student + reply, _labels(student, reply, "answer"), teacher))
+            sequences.append(Sequence(student + reply, _labels(student, reply, "answer"), teacher, start))
         return [s for s in sequences + probes if _trainable(s, train.max_length)]
     texts = [passage.contents] + augmentation.rewrites
     sequences = []
@@ -108,12 +114,12 @@ def training_sequences(
             prompt = _prompt_ids(llm, fmt, qa["question"], context, train.max_length - len(reply))
             ids = (prompt + reply)[: train.max_length]
             labels = [IGNORE] * len(prompt) + reply_labels if train.loss_on == "grounded" else None
-            sequences.append(Sequence(ids, (labels or _labels(prompt, reply, train.loss_on))[: len(ids)]))
+            sequences.append(Sequence(ids, (labels or _labels(prompt, reply, train.loss_on))[: len(ids)], fixed=start))
     return [s for s in sequences + probes if _trainable(s, train.max_length)]
 
 
 def _locality_sequence(
-    llm: LLM, fmt: AnswerFormat, question: str, answer: str, context: list[str], train: TrainConfig
+    llm: LLM, fmt: AnswerFormat, question: str, answer: str, context: list[str], train: TrainConfig, start: int
 ) -> Sequence:
     """A probe (alone, or with the document's passage in the prompt as `combine` asks); its teacher is the
     same sequence, so the loss is KL to the model without the LoRA at every reply token (the reply only
@@ -121,7 +127,7 @@ def _locality_sequence(
     reply = _reply_ids(llm, fmt, {"answer": answer, "full_answer": answer})
     prompt = _prompt_ids(llm, fmt, question, context, train.max_length - len(reply))
     labels = _labels(prompt, reply, "answer")
-    return Sequence(prompt + reply, labels, teacher=Sequence(prompt + reply, labels))
+    return Sequence(prompt + reply, labels, teacher=Sequence(prompt + reply, labels), fixed=start)
 
 
 def qa_layout(i: int, pairs: int, train: TrainConfig) -> tuple[bool, bool]:
@@ -149,15 +155,22 @@ def warmup_sequences(
     """A held-in question for the warm-up LoRA: with its gold passages in the prompt and alone,
     both replying with the gold answer in the format every mode's answer is read from."""
     reply = _reply_ids(llm, fmt, {"answer": gold_answer})
+    start = prompt_start(llm, fmt)
     sequences = []
     for context in ([p.contents for p in gold], []) if gold else ([],):
         prompt = _prompt_ids(llm, fmt, question, context, train.max_length - len(reply))
-        sequences.append(Sequence(prompt + reply, _labels(prompt, reply, train.loss_on)))
+        sequences.append(Sequence(prompt + reply, _labels(prompt, reply, train.loss_on), fixed=start))
     return [s for s in sequences if _trainable(s, train.max_length)]
 
 
 def _reply_ids(llm: LLM, fmt: AnswerFormat, qa: dict) -> list[int]:
     return llm.tokenizer.encode(fmt.reply(qa["answer"], qa.get("full_answer", "")), add_special_tokens=False)
+
+
+def prompt_start(llm: LLM, fmt: AnswerFormat) -> int:
+    """How many leading tokens every prompt of this format starts with, whatever its question and passages
+    (chat header, system prompt, instruction, worked turns): two prompts that differ in both share just that."""
+    return len(shared_prefix([fmt.chat_ids(llm, "A", []), fmt.chat_ids(llm, "Z", ["x"])]))
 
 
 def _prompt_ids(llm: LLM, fmt: AnswerFormat, question: str, context: list[str], room: int) -> list[int]:
@@ -173,8 +186,8 @@ def _prompt_ids(llm: LLM, fmt: AnswerFormat, question: str, context: list[str], 
 
 @dataclass
 class FrozenPrefix:
-    """The keys and values of the leading tokens every sequence of a training group shares, computed once
-    by the model without the documents' LoRAs (`train.prefix = "frozen"`)."""
+    """The keys and values of the prompt format's leading tokens, which every sequence of a training group
+    starts with, computed once by the model without the documents' LoRAs (`train.prefix = "frozen"`)."""
 
     length: int
     cache: DynamicCache  # batch size 1
@@ -182,13 +195,14 @@ class FrozenPrefix:
     @classmethod
     @torch.no_grad()
     def compute(cls, llm: LLM, sequences: list[Sequence]) -> FrozenPrefix | None:
-        """None when the sequences share fewer than MIN_SHARED_PREFIX tokens. The prefix ends before the token
+        """None when that start is shorter than MIN_SHARED_PREFIX tokens. The prefix is at most each sequence's
+        `fixed` start (so it does not depend on which documents share the group) and ends before the token
         that predicts the first label, so every label is predicted from a position the LoRA runs on."""
         if not sequences:
             return None
         common = shared_prefix([s.input_ids for s in sequences])
         first_label = min(1 + next(i for i, x in enumerate(s.labels[1:]) if x != IGNORE) for s in sequences)
-        length = min(len(common), first_label - 1)
+        length = min(len(common), first_label - 1, min(s.fixed for s in sequences))
         if length < MIN_SHARED_PREFIX:
             return None
         cache = DynamicCache(config=llm.model.config)
