@@ -221,6 +221,9 @@ def main() -> None:
     args = parser.parse_args()
 
     config = Config()
+    # the PEFT paths train the LoRA on every token, as the reference does: so does ours here, so that the
+    # adapters can be compared (max_abs_diff_vs_ours) and the same work timed
+    config.set("train.prefix", "lora")
     if args.documents:  # training sequences saved by an earlier run: no corpus, index or augmentation needed
         llm = load_model_dir(Path(args.model_dir), config, args.random_weights)
         pipeline = Pipeline(tempfile.mkdtemp(prefix="bench-home-"), config, llm=llm)

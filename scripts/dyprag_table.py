@@ -1,0 +1,121 @@
+"""Generated LoRAs (DyPRAG) beside trained ones on the same questions: F1 and EM per mode, the controls with
+unrelated documents' LoRAs, paired differences with 95% bootstrap intervals, the offline cost, and a plot.
+
+Each argument is a `prag eval` directory (several joined by commas are pooled, as chunks of one evaluation
+on disjoint questions); together they must answer the same questions in every mode they hold. Modes used
+where present: closed, rag, prag, combine, prag-unrelated, combine-unrelated, dyprag, dyprag-combine,
+dyprag-unrelated.
+
+python scripts/dyprag_table.py runs/s26/report-popqa runs/s26/report-dyprag --plot docs/dyprag_popqa.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from compare import fmt, mean, paired, per_question_f1
+
+MODES = (
+    "closed",
+    "rag",
+    "prag",
+    "prag-unrelated",
+    "combine",
+    "combine-unrelated",
+    "dyprag",
+    "dyprag-unrelated",
+    "dyprag-combine",
+)
+# (candidate, against): what each difference says
+DIFFERENCES = (
+    ("dyprag", "dyprag-unrelated"),  # do generated parameters carry the document?
+    ("prag", "prag-unrelated"),  # do trained ones?
+    ("dyprag", "closed"),
+    ("dyprag", "prag"),
+    ("dyprag-combine", "rag"),
+    ("dyprag-combine", "combine"),
+    ("combine", "rag"),
+)
+
+
+def load(runs: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[dict]]:
+    f1: dict[str, dict[str, float]] = {}
+    em: dict[str, dict[str, float]] = {}
+    metrics = []
+    for run in (Path(r) for group in runs for r in group.split(",")):
+        for mode, by_id in per_question_f1(run).items():
+            if f1.get(mode, {}).keys() & by_id.keys():
+                raise ValueError(f"{run}: answers {mode} questions another run answered too")
+            f1.setdefault(mode, {}).update(by_id)
+        with open(run / "predictions.jsonl") as f:
+            for line in f:
+                row = json.loads(line)
+                em.setdefault(row["mode"], {})[row["id"]] = row["em"]
+        metrics.append(json.loads((run / "metrics.json").read_text()))
+    return f1, em, metrics
+
+
+def offline(metrics: list[dict]) -> dict:
+    """Seconds per document to augment and train (summed over the runs), and the translator's record."""
+    built = sum(m["offline"].get("documents_parameterized") or 0 for m in metrics)
+    out = {"documents_parameterized": built}
+    if built:
+        for phase in ("augment_s", "train_s"):
+            out[phase + "_per_doc"] = sum(m["offline"].get(phase) or 0 for m in metrics) / built
+    for m in metrics:
+        if "translator" in m["offline"]:
+            out["translator"] = m["offline"]["translator"]
+    return out
+
+
+def markdown(f1: dict, em: dict) -> str:
+    present = [m for m in MODES if m in f1]
+    lines = ["| mode | n | EM | F1 |", "|---|---|---|---|"]
+    lines += [f"| {m} | {len(f1[m])} | {mean(em[m]):.3f} | {mean(f1[m]):.3f} |" for m in present]
+    lines += ["", "| F1 difference | mean [95% interval] |", "|---|---|"]
+    lines += [f"| {a} - {b} | {fmt(paired(f1[b], f1[a]))} |" for a, b in DIFFERENCES if a in f1 and b in f1]
+    return "\n".join(lines)
+
+
+def plot(f1: dict, path: str, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    present = [m for m in MODES if m in f1]
+    fig = Figure(figsize=(1.0 * len(present) + 1, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+
+    def color(mode: str) -> str:
+        if mode.endswith("unrelated"):
+            return "white"
+        return "C1" if mode.startswith("dyprag") else "C0" if mode in ("prag", "combine") else "0.5"
+
+    colors = [color(m) for m in present]
+    bars = ax.bar(range(len(present)), [mean(f1[m]) for m in present], color=colors, edgecolor="0.2")
+    for bar, mode in zip(bars, present, strict=True):
+        bar.set_hatch("///" if mode.endswith("unrelated") else "")
+    ax.set_xticks(range(len(present)), [m.replace("-", "\n") for m in present], fontsize=7)
+    ax.set_ylabel("token F1")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="prag eval directories (comma-joined chunks are pooled)")
+    parser.add_argument("--plot", help="write a bar chart of F1 per mode here (PNG)")
+    args = parser.parse_args()
+    f1, em, metrics = load(args.runs)
+    print(markdown(f1, em))
+    print(json.dumps(offline(metrics), indent=1)[:2000])
+    if args.plot:
+        dataset = metrics[0]["dataset"]
+        plot(f1, args.plot, f"{dataset}, {metrics[0]['slice']['name']} slice, n={len(next(iter(f1.values())))}")
+
+
+if __name__ == "__main__":
+    main()
