@@ -253,8 +253,9 @@ def test_training_on_a_frozen_prefix_is_exact_per_document_and_learns(tiny_llm):
 
 
 def test_training_sequences_mark_the_formats_fixed_start(tiny_llm):
-    """Every QA sequence starts with the format's own tokens (chat header, instruction, worked turns), and
-    `fixed` counts exactly those: not the "Question: What" that one document's pairs may share."""
+    """Every QA sequence starts with the format's own tokens (chat header, instruction, worked turns, and what
+    comes before the question when no passage is read), and `fixed` counts exactly those, the same for every
+    sequence under one config: not the "What" that one document's questions share, nor a word of a passage."""
     from prag.augment import Augmentation
     from prag.corpus import Passage
     from prag.llm import shared_prefix
@@ -263,11 +264,15 @@ def test_training_sequences_mark_the_formats_fixed_start(tiny_llm):
 
     passage = Passage("d1", "Ada Lovelace", "Ada Lovelace was an English mathematician who died in London in 1852.")
     aug = Augmentation("d1", qa=[{"question": f"What {w} Ada Lovelace?", "answer": "London"} for w in ("of", "is")])
+    decode = tiny_llm.tokenizer.decode
     for fmt in (AnswerFormat(), AnswerFormat(instruction="examples")):
-        start = prompt_start(tiny_llm, fmt)
-        assert tiny_llm.tokenizer.decode(fmt.chat_ids(tiny_llm, "Q", [])[:start]).rstrip().endswith(SHORT_INSTRUCTION)
+        alone_start, any_start = prompt_start(tiny_llm, fmt, False), prompt_start(tiny_llm, fmt, True)
+        assert decode(fmt.chat_ids(tiny_llm, "Q", [])[:alone_start]).endswith("Question:")
+        assert SHORT_INSTRUCTION in decode(fmt.chat_ids(tiny_llm, "Q", [])[:any_start]) and any_start < alone_start
         alone = training_sequences(tiny_llm, passage, aug, TrainConfig(qa_context="none"), fmt)
         both = training_sequences(tiny_llm, passage, aug, TrainConfig(qa_context="both"), fmt)
-        assert len(alone) == 2 and len(both) == 3 and {s.fixed for s in alone + both} == {start}
-        assert len(shared_prefix([s.input_ids for s in both])) >= start
-        assert len(shared_prefix([s.input_ids for s in alone])) > start  # "Question: What" is not the format's
+        assert len(alone) == 2 and {s.fixed for s in alone} == {alone_start}
+        assert len(both) == 3 and {s.fixed for s in both} == {any_start}  # a passage is read in one of them
+        for s in alone + both:
+            assert s.input_ids[: s.fixed] == fmt.chat_ids(tiny_llm, "Z", [])[: s.fixed]
+        assert len(shared_prefix([s.input_ids for s in alone])) > alone_start  # "What" is not the format's

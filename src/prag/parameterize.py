@@ -61,7 +61,8 @@ class Sequence:
     # distillation only: the same reply, labelled, after a prompt that holds the passage (the teacher's input)
     teacher: Sequence | None = None
     # how many leading tokens are the prompt format's own (`prompt_start`), the same whatever the question
-    # and passages: what `train.prefix = "frozen"` may compute without the LoRA (0: none, e.g. plain text)
+    # and passages, and for every document under one config: what `train.prefix = "frozen"` may compute
+    # without the LoRA (0: none, e.g. plain text)
     fixed: int = 0
 
 
@@ -81,7 +82,10 @@ def training_sequences(
     with the passage (`train.locality_context`) and distilled from the frozen model itself, so that the
     LoRA leaves their answers as they were.
     """
-    start = prompt_start(llm, fmt)
+    reads = (train.objective != "distill" and train.qa_context != "none") or (
+        train.locality > 0 and train.locality_context != "alone"
+    )
+    start = prompt_start(llm, fmt, reads)  # the same for every sequence of every document under this config
     own = [passage.contents]
     contexts = {"alone": [[]], "passage": [own], "both": [[], own]}[train.locality_context]
     probes = [
@@ -114,12 +118,19 @@ def training_sequences(
             prompt = _prompt_ids(llm, fmt, qa["question"], context, train.max_length - len(reply))
             ids = (prompt + reply)[: train.max_length]
             labels = [IGNORE] * len(prompt) + reply_labels if train.loss_on == "grounded" else None
-            sequences.append(Sequence(ids, (labels or _labels(prompt, reply, train.loss_on))[: len(ids)], fixed=start))
+            labels = (labels or _labels(prompt, reply, train.loss_on))[: len(ids)]
+            sequences.append(Sequence(ids, labels, fixed=start))
     return [s for s in sequences + probes if _trainable(s, train.max_length)]
 
 
 def _locality_sequence(
-    llm: LLM, fmt: AnswerFormat, question: str, answer: str, context: list[str], train: TrainConfig, start: int
+    llm: LLM,
+    fmt: AnswerFormat,
+    question: str,
+    answer: str,
+    context: list[str],
+    train: TrainConfig,
+    start: int,
 ) -> Sequence:
     """A probe (alone, or with the document's passage in the prompt as `combine` asks); its teacher is the
     same sequence, so the loss is KL to the model without the LoRA at every reply token (the reply only
@@ -155,7 +166,7 @@ def warmup_sequences(
     """A held-in question for the warm-up LoRA: with its gold passages in the prompt and alone,
     both replying with the gold answer in the format every mode's answer is read from."""
     reply = _reply_ids(llm, fmt, {"answer": gold_answer})
-    start = prompt_start(llm, fmt)
+    start = prompt_start(llm, fmt, with_passages=True)
     sequences = []
     for context in ([p.contents for p in gold], []) if gold else ([],):
         prompt = _prompt_ids(llm, fmt, question, context, train.max_length - len(reply))
@@ -167,10 +178,14 @@ def _reply_ids(llm: LLM, fmt: AnswerFormat, qa: dict) -> list[int]:
     return llm.tokenizer.encode(fmt.reply(qa["answer"], qa.get("full_answer", "")), add_special_tokens=False)
 
 
-def prompt_start(llm: LLM, fmt: AnswerFormat) -> int:
-    """How many leading tokens every prompt of this format starts with, whatever its question and passages
-    (chat header, system prompt, instruction, worked turns): two prompts that differ in both share just that."""
-    return len(shared_prefix([fmt.chat_ids(llm, "A", []), fmt.chat_ids(llm, "Z", ["x"])]))
+def prompt_start(llm: LLM, fmt: AnswerFormat, with_passages: bool) -> int:
+    """How many leading tokens every prompt of this format starts with, whatever its question (chat header,
+    system prompt, instruction, worked turns, what comes before the question), among prompts without passages
+    only or with and without them: prompts that differ in the question (and passage) share just that."""
+    prompts = [fmt.chat_ids(llm, "A", []), fmt.chat_ids(llm, "Z", [])]
+    if with_passages:
+        prompts += [fmt.chat_ids(llm, "A", ["x"]), fmt.chat_ids(llm, "Z", ["y"])]
+    return len(shared_prefix(prompts))
 
 
 def _prompt_ids(llm: LLM, fmt: AnswerFormat, question: str, context: list[str], room: int) -> list[int]:
