@@ -167,7 +167,8 @@ def test_a_dyprag_answer_never_augments_or_trains(tiny_llm, tmp_path):
     offline = dict(pipeline.offline_seconds)
 
     question = "Who directed the film Citizen Kane?"
-    answers = {mode: pipeline.answer(question, mode) for mode in ("dyprag", "dyprag-combine", "dyprag-unrelated")}
+    modes = ("dyprag", "dyprag-combine", "dyprag-unrelated", "dyprag-combine-unrelated")
+    answers = {mode: pipeline.answer(question, mode) for mode in modes}
     retrieved = answers["dyprag"].passages
     assert retrieved and not any(pipeline.adapters.has(p.id) for p in retrieved)  # not parameterized before
     for mode, answer in answers.items():
@@ -175,6 +176,8 @@ def test_a_dyprag_answer_never_augments_or_trains(tiny_llm, tmp_path):
         assert answer.missing == []
     assert answers["dyprag"].lora_passages == retrieved == answers["dyprag-combine"].lora_passages
     assert not {p.id for p in retrieved} & {p.id for p in answers["dyprag-unrelated"].lora_passages}
+    assert answers["dyprag-combine-unrelated"].passages == retrieved  # its own passages in the prompt...
+    assert not {p.id for p in retrieved} & {p.id for p in answers["dyprag-combine-unrelated"].lora_passages}
     # nothing was augmented, trained or stored for these documents
     assert (pipeline.adapters.count(), sum(1 for _ in pipeline.augmentations)) == stored
     assert pipeline.offline_seconds == offline

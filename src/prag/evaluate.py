@@ -40,6 +40,7 @@ COMPARISONS = (
     ("dyprag-combine", "rag"),
     ("dyprag-combine", "combine"),
     ("dyprag", "dyprag-unrelated"),
+    ("dyprag-combine", "dyprag-combine-unrelated"),
 )
 _PUNCT = frozenset(string.punctuation)
 
@@ -476,10 +477,10 @@ def run(
 
     Documents are parameterized up front, in batches, so that per-question latency measures only
     the online path (retrieval, load+merge, generation); the offline cost is returned separately.
-    The control modes (`prag-unrelated`, `combine-unrelated`, `dyprag-unrelated`) merge the LoRAs of another
-    question's top-k (`unrelated_partners`), documents the set parameterizes anyway. `batch_size` > 1 answers
-    that many questions of a mode in one batched generation (each with its own adapter): faster on
-    accuracy runs, but a question's latency is then its batch's.
+    The control modes (`prag-unrelated`, `combine-unrelated`, `dyprag-unrelated`, `dyprag-combine-unrelated`)
+    merge the LoRAs of another question's top-k (`unrelated_partners`), documents the set parameterizes anyway.
+    `batch_size` > 1 answers that many questions of a mode in one batched generation (each with its own
+    adapter): faster on accuracy runs, but a question's latency is then its batch's.
     """
     from tqdm.auto import tqdm
 

@@ -11,12 +11,13 @@ knowledge goes:
                     no training, one forward pass over the passages per question
     dyprag-combine  generated LoRAs AND passages in the prompt
 
-Three controls measure what the LoRAs carry beyond an answer format: they merge the LoRAs of
+Four controls measure what the LoRAs carry beyond an answer format: they merge the LoRAs of
 UNRELATED documents (in `prag eval`, another question's top-k; otherwise k random passages):
 
     prag-unrelated      unrelated LoRAs, no passages
     combine-unrelated   unrelated LoRAs, the question's own passages in the prompt
     dyprag-unrelated    unrelated documents' generated LoRAs, no passages
+    dyprag-combine-unrelated  unrelated documents' generated LoRAs, the question's own passages in the prompt
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ from .retrieval import BM25Retriever, Retriever, load_retriever
 from .store import AdapterStore, AugmentationStore, join
 
 MODES = ("closed", "rag", "prag", "combine", "dyprag", "dyprag-combine")
-CONTROLS = ("prag-unrelated", "combine-unrelated", "dyprag-unrelated")
+CONTROLS = ("prag-unrelated", "combine-unrelated", "dyprag-unrelated", "dyprag-combine-unrelated")
 ALL_MODES = MODES + CONTROLS
-PASSAGES_IN_PROMPT = {"rag", "combine", "combine-unrelated", "dyprag-combine"}
+PASSAGES_IN_PROMPT = {"rag", "combine", "combine-unrelated", "dyprag-combine", "dyprag-combine-unrelated"}
 TRAINED_LORAS = {"prag", "combine", "prag-unrelated", "combine-unrelated"}  # merge the documents' stored LoRAs
-GENERATED_LORAS = {"dyprag", "dyprag-combine", "dyprag-unrelated"}  # merge the LoRAs the translator generates
+# merge the LoRAs the translator generates
+GENERATED_LORAS = {"dyprag", "dyprag-combine", "dyprag-unrelated", "dyprag-combine-unrelated"}
 MAX_QUESTION_CHARS = 2000
 MAX_TOP_K = 50
 _STEMMER = Stemmer.Stemmer("english")

@@ -70,7 +70,7 @@ class AnswerRequest(BaseModel):
     mode: StrictStr = Field(
         "prag",
         description="closed, rag, prag, combine, dyprag, dyprag-combine (these two need a trained translator), "
-        "or a control: prag-unrelated, combine-unrelated, dyprag-unrelated",
+        "or a control: prag-unrelated, combine-unrelated, dyprag-unrelated, dyprag-combine-unrelated",
     )
     top_k: StrictInt | None = Field(None, description=f"passages retrieved, 1 to {MAX_TOP_K} (default: the config's)")
 
