@@ -188,6 +188,7 @@ def test_compile_decision():
     assert should_compile(TrainConfig(compile="on"), 1, cpu)
     assert not should_compile(TrainConfig(compile="off"), 10 * COMPILE_MIN_DOCS, cpu)
     assert not should_compile(TrainConfig(), COMPILE_MIN_DOCS - 1, cpu)  # not worth its compile time
+    assert not should_compile(TrainConfig(prefix="frozen"), 10 * COMPILE_MIN_DOCS, cpu)  # recompiles per layer
 
 
 def with_prefix(

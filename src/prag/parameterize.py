@@ -363,9 +363,13 @@ def _with_base(batched: Adapter, fixed: Adapter | None) -> Adapter:
 
 
 def should_compile(train: TrainConfig, num_documents: int, device: torch.device) -> bool:
-    """train.compile as a decision: "auto" compiles for big enough jobs where a compiler is at hand."""
+    """train.compile as a decision: "auto" compiles for big enough jobs where a compiler is at hand, and not
+    on a frozen prefix: layers that read a KV cache recompile per layer index (one graph per layer, past
+    torch's recompile limit), which costs more than the fusion saves."""
     if train.compile != "auto":
         return train.compile == "on"
+    if train.prefix == "frozen":
+        return False
     if device.type == "cuda":
         have_compiler = importlib.util.find_spec("triton") is not None
     else:
