@@ -4,7 +4,7 @@ unrelated documents' LoRAs, paired differences with 95% bootstrap intervals, the
 Each argument is a `prag eval` directory (several joined by commas are pooled, as chunks of one evaluation
 on disjoint questions); together they must answer the same questions in every mode they hold. Modes used
 where present: closed, rag, prag, combine, prag-unrelated, combine-unrelated, dyprag, dyprag-combine,
-dyprag-unrelated.
+dyprag-unrelated, dyprag-combine-unrelated.
 
 python scripts/dyprag_table.py runs/s26/report-popqa runs/s26/report-dyprag --plot docs/dyprag_popqa.png
 """
@@ -27,11 +27,14 @@ MODES = (
     "dyprag",
     "dyprag-unrelated",
     "dyprag-combine",
+    "dyprag-combine-unrelated",
 )
 # (candidate, against): what each difference says
 DIFFERENCES = (
     ("dyprag", "dyprag-unrelated"),  # do generated parameters carry the document?
+    ("dyprag-combine", "dyprag-combine-unrelated"),  # and beside the passages?
     ("prag", "prag-unrelated"),  # do trained ones?
+    ("combine", "combine-unrelated"),
     ("dyprag", "closed"),
     ("dyprag", "prag"),
     ("dyprag-combine", "rag"),
