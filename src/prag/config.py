@@ -126,11 +126,11 @@ class TrainConfig:
     # the probes asked "alone" (as `prag` asks), with the document's "passage" in the prompt (as `combine`
     # asks), or "both"
     locality_context: str = "alone"
-    # "frozen" (default): the leading tokens that every training sequence of a group shares (chat header,
-    # instruction) are computed once per group by the model without the LoRA, and each step runs the rest
-    # only (on PopQA's protocol most of a sequence is that prefix; tune-slice F1 held on PopQA and HotpotQA,
-    # docs/performance.md); answering still applies the LoRA to every token. "lora": the LoRA is trained
-    # on every token, as in the reference
+    # "frozen" (default): the prompt format's fixed start, which every training sequence begins with
+    # whatever its question (chat header, instruction: `parameterize.prompt_start`), is computed once per
+    # group by the model without the LoRA, and each step runs the rest only (on PopQA's protocol most of a
+    # sequence is that prefix; tune-slice F1 held on PopQA and HotpotQA, docs/performance.md); answering
+    # still applies the LoRA to every token. "lora": the LoRA is trained on every token, as in the reference
     prefix: str = "frozen"
     docs_per_batch: int = 16  # documents trained together in one forward/backward pass...
     max_tokens_per_step: int = 8192  # ...as long as their padded sequences stay within this many tokens
