@@ -20,10 +20,9 @@ ANSWERS = ["zebra crossing", "purple mountain"]
 
 def test_a_lora_that_memorized_its_document_answers_its_questions_and_another_does_not(tiny_llm, tmp_path):
     config = Config()
-    # trained on every token: a LoRA this large (lr 1e-2, 60 epochs on a random model) trained on a frozen
-    # prefix meets other keys and values there at answer time, where the LoRA runs on every token, and the
-    # tiny model then misses where its answer ends ("zebra crossing.Labels zebra crossing")
-    settings = {"train.qa_context": "none", "train.lr": "1e-2", "train.epochs": "60", "train.prefix": "lora"}
+    # three new tokens: the trained reply (" zebra", " crossing", "."), no more; what a random model writes
+    # after it was never trained and is chance ("zebra crossing.Labels ...")
+    settings = {"train.qa_context": "none", "train.lr": "1e-2", "train.epochs": "60", "answer.max_new_tokens": "3"}
     for key, value in settings.items():
         config.set(key, value)
     pipeline = Pipeline(tmp_path / "home", config, llm=tiny_llm)
