@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from prag import lora
 from prag.augment import QA_PREFIX, QA_PROMPT, answer_first_example, answer_first_prompt, qa_example
@@ -167,6 +168,54 @@ def test_rows_leave_the_batch_with_their_own_lora_deltas(tiny_llm):
     assert clock["new_tokens"] == max(lengths) and 0 < clock["first_token"]
     without = tiny_llm.generate(prompts, 16, stop=stop)
     assert without != batched  # the deltas do act
+
+
+def test_a_given_prefix_is_read_as_computed_and_each_rows_deltas_after_it(tiny_llm):
+    """`answer.prefix = "frozen"`: the header's keys and values are computed once without the LoRAs, and each
+    row reads them as they are, its own deltas acting from the header on: the greedy tokens of a hand-written
+    loop that does just that, row by row."""
+    model = tiny_llm.model
+    lora_model = lora.LoRAModel(model, ("gate_proj", "up_proj", "down_proj"))
+    shapes = lora_model.shapes(rank=2)
+    adapters = [
+        {k: torch.randn(s, generator=torch.Generator().manual_seed(seed)) * 0.3 for k, s in shapes.items()}
+        for seed in (1, 2)
+    ]
+    header = list(range(100, 100 + 2 * MIN_SHARED_PREFIX))
+    prompts = [header + [5, 17, 300], header + [7]]
+    prefix = tiny_llm.prefill(header)  # nothing injected
+    assert tiny_llm.generate(prompts, 8, prefix=prefix) == tiny_llm.generate(prompts, 8)  # the same keys and values
+
+    lora_model.inject(lora.stack_padded(adapters), 2.0)
+    frozen = tiny_llm.generate(prompts, 8, prefix=prefix)
+    every = tiny_llm.generate(prompts, 8)  # the LoRAs on the header too
+    lora_model.clear()
+
+    def by_hand(prompt, adapter, lora_on_header):
+        """Greedy tokens, and the first step's logits, with the header read with or without the row's LoRA."""
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            if lora_on_header:
+                lora_model.inject(adapter, 2.0)
+            model(input_ids=torch.tensor([header]), cache=cache, use_cache=True)
+            lora_model.inject(adapter, 2.0)
+            ids, tokens, first = prompt[len(header) :], [], None
+            while len(tokens) < 8 and (not tokens or tokens[-1] not in tiny_llm.eos_ids):
+                logits = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True).logits[0, -1]
+                first = logits if first is None else first
+                tokens.append(int(logits.argmax()))
+                ids = tokens[-1:]
+            lora_model.clear()
+        return tiny_llm.tokenizer.decode(tokens, skip_special_tokens=True), first
+
+    rows = list(zip(prompts, adapters, strict=True))
+    assert frozen == [by_hand(prompt, adapter, False)[0] for prompt, adapter in rows]
+    assert every == [by_hand(prompt, adapter, True)[0] for prompt, adapter in rows]
+    # the header read without the LoRAs does change what the rows compute
+    assert not torch.allclose(by_hand(*rows[0], False)[1], by_hand(*rows[0], True)[1], atol=1e-4)
+    assert prefix.cache.get_seq_length() == len(header)  # not extended by the rows that read it
+    with pytest.raises(ValueError, match=f"must start with the {len(header)} given tokens"):
+        tiny_llm.generate([header[:-1] + [1, 2]], 4, prefix=prefix)
 
 
 def test_deltas_for_another_batch_size_are_an_error(tiny_llm):

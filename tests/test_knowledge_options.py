@@ -17,7 +17,7 @@ from prag.corpus import Passage
 from prag.llm import LLM
 from prag.locality import PROBES, locality_probes
 from prag.lora import LoRAModel, init_adapter
-from prag.parameterize import IGNORE, Sequence, label_logits, train_adapters, training_sequences
+from prag.parameterize import IGNORE, Sequence, label_logits, prompt_start, train_adapters, training_sequences
 from prag.pipeline import question_match
 from prag.prompt import AnswerFormat
 
@@ -280,3 +280,45 @@ def test_matched_merge_names_what_it_cannot_weigh(tiny_llm, tmp_path):
         pipeline.prepare("Who was Ada Lovelace?", "prag", passages=[doc])
     with pytest.raises(ValueError, match="answer.merge: 'matched' weighs trained LoRAs.*'dyprag'"):
         pipeline.prepare("Who was Ada Lovelace?", "dyprag", passages=[doc])
+
+
+def test_answering_on_the_frozen_start_reads_it_without_the_documents_loras(tiny_llm, tmp_path):
+    """`answer.prefix = "frozen"`: the prompt format's fixed start, as `train.prefix = "frozen"` trained the LoRAs
+    on it, is read once without them and shared by every later batch; each row answers as it does alone, in
+    any mix of modes; the stored adapters are the same (it is a question-time setting)."""
+    magazine = Passage("m", "Arthur's Magazine", "Arthur's Magazine (1844-1846) was an American literary periodical.")
+    person = Passage("p", "John Smith", "John Smith was born in Ohio.")
+    configs = {}
+    for prefix in ("lora", "frozen"):
+        configs[prefix] = Config()
+        configs[prefix].answer.prefix = prefix
+        configs[prefix].answer.max_new_tokens = 6
+    every = Pipeline(tmp_path / "home", configs["lora"], llm=tiny_llm)
+    frozen = Pipeline(tmp_path / "home", configs["frozen"], llm=tiny_llm)
+    assert frozen.adapters.root == every.adapters.root
+    shapes = every.lora_model.shapes(configs["lora"].lora.rank)
+    for seed, p in enumerate((magazine, person)):
+        every.adapters.put(p.id, {k: v + 0.3 * (seed + 1) for k, v in init_adapter(shapes, seed).items()})
+    questions = [("When was Arthur's Magazine started?", "prag"), ("Where was John Smith born?", "combine")]
+    prepared = [frozen.prepare(q, mode, passages=[magazine, person]) for q, mode in questions]
+    prepared.append(frozen.prepare("Who?", "closed", passages=[]))
+
+    reads = []  # (tokens read, LoRA in) for each forward of the first FFN projection
+    layer = frozen.lora_model.layers["down_proj"][0]
+    hook = layer.register_forward_hook(lambda m, args, out: reads.append((args[0].shape[1], m.A is not None)))
+    try:
+        start = frozen.frozen_prefix()
+        assert start is frozen.frozen_prefix()  # computed once...
+        length = min(prompt_start(tiny_llm, frozen.format, True), prompt_start(tiny_llm, frozen.format, False))
+        assert start.ids == prepared[0].prompt[:length] == prepared[1].prompt[:length]
+        assert reads == [(length, False)]  # ...without the LoRAs
+        reads.clear()
+        batched = [a.text for a in frozen.generate(prepared)]
+        alone = [frozen.generate([p])[0].text for p in prepared]
+        assert batched == alone
+        assert not any(n == length for n, _ in reads)  # the start was computed before, not again
+        reads.clear()
+        every.generate(prepared[:1])
+        assert reads[0] == (len(prepared[0].prompt), True)  # the LoRA reads every token of the prompt
+    finally:
+        hook.remove()

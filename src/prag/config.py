@@ -29,6 +29,7 @@ NOT_KEYED = {
     "answer.max_new_tokens",
     "answer.init_in_all_modes",
     "answer.lora_scale",
+    "answer.prefix",
     "translator.checkpoint_every",
 }
 # Fields added after stores existed, with the value that built everything stored before they existed: keyed
@@ -55,6 +56,7 @@ CHOICES = {
     "answer.style": ("direct", "cot"),
     "answer.instruction": ("short", "examples", "reference"),
     "answer.merge": ("sum", "mean", "matched"),
+    "answer.prefix": ("lora", "frozen"),
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # Counts with a least sensible value: below it a run would do nothing, or fail deep inside.
@@ -180,6 +182,10 @@ class AnswerConfig:
     merge: str = "sum"
     lora_scale: float = 1.0  # the documents' merged delta is multiplied by this at question time
     init_in_all_modes: bool = False  # with a warm-up adapter (lora.init): inject it in closed/rag too
+    # "lora": the documents' LoRAs run on every prompt token. "frozen": the prompt format's fixed start is read
+    # without them (beside the format adapter only), as `train.prefix = "frozen"` trained them, and once
+    # for the whole batch; the LoRAs run from the question on
+    prefix: str = "lora"
 
 
 @dataclass

@@ -35,6 +35,15 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MIN_SHARED_PREFIX = 16
 
 
+@dataclass
+class PrefixCache:
+    """Leading tokens that every prompt of a batch starts with and their keys and values (batch size 1),
+    computed once by the caller (`LLM.prefill`), e.g. without the rows' LoRAs."""
+
+    ids: list[int]
+    cache: DynamicCache
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("PRAG_CACHE", Path.home() / ".cache" / "prag"))
 
@@ -246,6 +255,7 @@ class LLM:
         stop: Callable[[str], bool] | None = None,
         clock: dict[str, float] | None = None,
         share_prefix: bool = True,
+        prefix: PrefixCache | None = None,
     ) -> list[str]:
         """Generate for a batch of token-id prompts at once; returns the new text of each.
 
@@ -261,28 +271,37 @@ class LLM:
         rest of its prompt, so every shared token has the same cache column in the rows that share it;
         the attention mask skips the padding. Runs in the "generate" phase (`phase`).
 
+        `prefix`, if given, holds the keys and values of leading tokens that every prompt starts with, computed
+        by the caller (`prefill`), for example without the rows' LoRAs: every row reads them as they are, its
+        own deltas or not (`answer.prefix = "frozen"`).
+
         `clock`, if given, receives `first_token` (seconds from the call to the first generated token:
         the prompt's cost), `new_tokens` (the most any row generated, end-of-sequence included) and
         `row_new_tokens` (each row's count).
         """
-        start = time.perf_counter()
+        began, given = time.perf_counter(), prefix
         with self.phase("generate"):
             deltas = lora.RowDeltas(self.model, len(prompts))
             share = share_prefix and len(prompts) > 1 and not deltas
-            prefix = shared_prefix(prompts) if share else []
-            if len(prefix) < MIN_SHARED_PREFIX:
-                prefix = []
-            rests = [p[len(prefix) :] for p in prompts]
+            if given is not None:
+                start = given.ids
+                if any(len(p) <= len(start) or p[: len(start)] != start for p in prompts):
+                    raise ValueError(f"every prompt must start with the {len(start)} given tokens and go on after")
+            else:
+                start = shared_prefix(prompts) if share else []
+                if len(start) < MIN_SHARED_PREFIX:
+                    start = []
+            rests = [p[len(start) :] for p in prompts]
             groups = prefix_groups(rests) if share else []
             grouped = {row: length for first, end, length in groups for row in range(first, end)}
             group_width = max((length for _, _, length in groups), default=0)
             tails = [r[grouped.get(row, 0) :] for row, r in enumerate(rests)]
-            width = len(prefix) + group_width + max(len(t) for t in tails)
+            width = len(start) + group_width + max(len(t) for t in tails)
             input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
             attention = torch.zeros((len(prompts), width), dtype=torch.long)
-            input_ids[:, : len(prefix)] = torch.tensor(prefix, dtype=torch.long)
-            attention[:, : len(prefix)] = 1
-            end = len(prefix) + group_width  # groups' parts end here, right-aligned; the tails start here
+            input_ids[:, : len(start)] = torch.tensor(start, dtype=torch.long)
+            attention[:, : len(start)] = 1
+            end = len(start) + group_width  # groups' parts end here, right-aligned; the tails start here
             for row, (rest, tail) in enumerate(zip(rests, tails, strict=True)):
                 own = grouped.get(row, 0)
                 input_ids[row, end - own : end] = torch.tensor(rest[:own], dtype=torch.long)
@@ -294,7 +313,8 @@ class LLM:
                 tokens, first = self._decode(
                     input_ids.to(self.device),
                     attention.to(self.device),
-                    len(prefix),
+                    len(start),
+                    given.cache if given is not None else None,
                     groups,
                     group_width,
                     max_new_tokens,
@@ -305,16 +325,27 @@ class LLM:
             finally:
                 deltas.restore()
         if clock is not None:
-            clock["first_token"] = (first or time.perf_counter()) - start
+            clock["first_token"] = (first or time.perf_counter()) - began
             clock["row_new_tokens"] = [len(t) for t in tokens]
             clock["new_tokens"] = max(clock["row_new_tokens"], default=0)
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> PrefixCache:
+        """The keys and values of `ids` (batch size 1) under whatever the model holds now, in the
+        generation phase's dtype: a prefix for `generate` to start every row from."""
+        with self.phase("generate"):
+            cache = DynamicCache(config=self.model.config)
+            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+            self.model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1)
+        return PrefixCache(list(ids), cache)
 
     def _decode(
         self,
         input_ids: torch.Tensor,
         attention: torch.Tensor,
         prefix_len: int,
+        prefix_cache: DynamicCache | None,
         groups: list[tuple[int, int, int]],
         group_width: int,
         max_new_tokens: int,
@@ -330,7 +361,7 @@ class LLM:
         cache = _generation_cache(self.model.config, capacity=width + max_new_tokens)
         computed = prefix_len + group_width  # the columns whose keys and values are filled before the pass
         if computed:
-            self._fill_prefixes(cache, input_ids, prefix_len, groups, group_width)
+            self._fill_prefixes(cache, input_ids, prefix_len, groups, group_width, prefix_cache)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(
             input_ids=input_ids[:, computed:],
@@ -379,16 +410,24 @@ class LLM:
         return generated, first
 
     def _fill_prefixes(
-        self, cache: Cache, input_ids: torch.Tensor, prefix_len: int, groups: list[tuple[int, int, int]], width: int
+        self,
+        cache: Cache,
+        input_ids: torch.Tensor,
+        prefix_len: int,
+        groups: list[tuple[int, int, int]],
+        width: int,
+        computed_prefix: DynamicCache | None = None,
     ) -> None:
-        """Compute the batch's shared prefix once (batch size 1), then each group's own part once on top of
-        it, and write their keys and values into the rows' cache: the prefix in the first `prefix_len`
-        columns of every row, a group's part right-aligned in the `width` columns after it (the rest of
-        those columns are padding the attention mask skips)."""
+        """Compute the batch's shared prefix once (batch size 1; or take the caller's `computed_prefix`), then
+        each group's own part once on top of it, and write their keys and values into the rows' cache: the
+        prefix in the first `prefix_len` columns of every row, a group's part right-aligned in the `width`
+        columns after it (the rest of those columns are padding the attention mask skips)."""
         batch, computed = input_ids.shape[0], prefix_len + width
-        once = DynamicCache(config=self.model.config)
-        if prefix_len:
-            self.model(input_ids=input_ids[:1, :prefix_len], cache=once, use_cache=True, logits_to_keep=1)
+        once = computed_prefix
+        if once is None:
+            once = DynamicCache(config=self.model.config)
+            if prefix_len:
+                self.model(input_ids=input_ids[:1, :prefix_len], cache=once, use_cache=True, logits_to_keep=1)
         parts = []
         for first, end, length in groups:  # each group's part, read from its first row, on top of the prefix
             part = copy.deepcopy(once)

@@ -82,10 +82,7 @@ def training_sequences(
     with the passage (`train.locality_context`) and distilled from the frozen model itself, so that the
     LoRA leaves their answers as they were.
     """
-    reads = (train.objective != "distill" and train.qa_context != "none") or (
-        train.locality > 0 and train.locality_context != "alone"
-    )
-    start = prompt_start(llm, fmt, reads)  # the same for every sequence of every document under this config
+    start = prompt_start(llm, fmt, reads_passages(train))  # the same for every sequence of every document
     own = [passage.contents]
     contexts = {"alone": [[]], "passage": [own], "both": [[], own]}[train.locality_context]
     probes = [
@@ -176,6 +173,13 @@ def warmup_sequences(
 
 def _reply_ids(llm: LLM, fmt: AnswerFormat, qa: dict) -> list[int]:
     return llm.tokenizer.encode(fmt.reply(qa["answer"], qa.get("full_answer", "")), add_special_tokens=False)
+
+
+def reads_passages(train: TrainConfig) -> bool:
+    """Whether any training prompt under this config holds a passage (so its fixed start ends before one)."""
+    return (train.objective != "distill" and train.qa_context != "none") or (
+        train.locality > 0 and train.locality_context != "alone"
+    )
 
 
 def prompt_start(llm: LLM, fmt: AnswerFormat, with_passages: bool) -> int:

@@ -42,8 +42,16 @@ from .atomic import atomic_write, atomic_write_text
 from .augment import ANSWER_FIRST_VERSION, augment
 from .config import Config
 from .corpus import Passage, read_corpus
-from .llm import LLM, SAMPLER_VERSION
-from .parameterize import compiled_decoder, should_compile, train_adapters, training_sequences, warmup_sequences
+from .llm import LLM, MIN_SHARED_PREFIX, SAMPLER_VERSION, PrefixCache
+from .parameterize import (
+    compiled_decoder,
+    prompt_start,
+    reads_passages,
+    should_compile,
+    train_adapters,
+    training_sequences,
+    warmup_sequences,
+)
 from .prompt import AnswerFormat
 from .retrieval import BM25Retriever, Retriever, load_retriever
 from .store import AdapterStore, AugmentationStore, join
@@ -110,6 +118,7 @@ class Pipeline:
         self._llm = llm
         self._lora_model: lora.LoRAModel | None = None
         self._retriever: Retriever | None = None
+        self._frozen_prefix: PrefixCache | None = None
         cfg = self.config
         self.format = AnswerFormat.from_config(cfg.answer)
         model_key = cfg.model.name.replace("/", "_").strip("_.") or "model"
@@ -535,6 +544,25 @@ class Pipeline:
         for prepared in pending:  # one pass for the batch: each row's load+merge is the pass's time
             prepared.timings["translate"] = prepared.timings["load_merge"] = seconds
 
+    def frozen_prefix(self) -> PrefixCache | None:
+        """The prompt format's fixed start as a LoRA trained on a frozen prefix saw it (`answer.prefix =
+        "frozen"`): read beside the format adapter only, computed once and shared by every row of every batch.
+        As long as training froze it and no longer than the start of a prompt with passages, so that a row
+        reads the same whichever modes share its batch. None if that start is too short to be worth it."""
+        if self._frozen_prefix is None:
+            trained = prompt_start(self.llm, self.format, reads_passages(self.config.train))
+            length = min(trained, prompt_start(self.llm, self.format, with_passages=True))
+            if length < MIN_SHARED_PREFIX:
+                return None
+            ids = self.format.chat_ids(self.llm, "A", [])[:length]
+            if self.base_adapter is not None:
+                self.lora_model.inject(self.base_adapter, self.config.lora.scale)
+            try:
+                self._frozen_prefix = self.llm.prefill(ids)
+            finally:
+                self.lora_model.clear()
+        return self._frozen_prefix
+
     def generate(self, batch: list[Prepared]) -> list[Answer]:
         """Generate for prepared requests in one batched pass, each row with its own merged adapter.
 
@@ -552,11 +580,21 @@ class Pipeline:
         t = time.perf_counter()
         clock: dict = {}
         with self.llm.phase("generate"):  # injected in the generation dtype (machine.py), not converted per step
+            prefix = None
+            if adapter is not None and self.config.answer.prefix == "frozen":
+                prefix = self.frozen_prefix()
+                # a question whose first characters merge into the start's last token (none seen) reads it all
+                if prefix is not None and any(p.prompt[: len(prefix.ids)] != prefix.ids for p in batch):
+                    prefix = None
             if adapter is not None:
                 self.lora_model.inject(adapter, self.config.lora.scale)
             try:
                 texts = self.llm.generate(
-                    [p.prompt for p in batch], self.config.answer.max_new_tokens, stop=self.format.done, clock=clock
+                    [p.prompt for p in batch],
+                    self.config.answer.max_new_tokens,
+                    stop=self.format.done,
+                    clock=clock,
+                    prefix=prefix,
                 )
             finally:
                 if adapter is not None:
