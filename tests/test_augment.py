@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prag.augment import _rewrite_done, answer_spans, augment, is_grounded, parse_qa, rewrite_body, roundtrip_passes
+from prag.augment import (
+    Augmentation,
+    _has_pairs,
+    _rewrite_done,
+    answer_spans,
+    augment,
+    is_grounded,
+    parse_qa,
+    rewrite_body,
+    roundtrip_passes,
+)
 from prag.config import AugmentConfig
 from prag.corpus import Passage
 
@@ -27,6 +37,23 @@ def test_parse_qa_keeps_good_pairs_and_counts_bad_ones():
         {"question": "When were the notes published?", "answer": "1843"},
     ]
     assert problems == {"unparsable": 1, "answer_too_long": 1}
+
+
+def test_free_qa_stops_at_a_line_end_once_the_pairs_still_needed_are_in():
+    result = Augmentation("d1", qa=[{"question": "Where did she die?", "answer": "London"}])
+    done = _has_pairs(PASSAGE, result, [], AugmentConfig(qa_pairs=3))  # two more grounded pairs needed
+    one = " Who designed the Analytical Engine?\nAnswer: Charles Babbage\n"
+    assert not done(one)
+    ungrounded = one + "Question: Where was she born?\nAnswer: Paris\n"  # not in the passage: does not count
+    assert not done(ungrounded)
+    again = one + "Question: Where did she die?\nAnswer: London\n"  # already kept: does not count
+    assert not done(again)
+    two = one + "Question: When were the notes published?\nAnswer: 1843"
+    assert not done(two)  # the answer's line may still be going ("1843 and 1844")
+    assert done(two + "\n")
+    full = _has_pairs(PASSAGE, Augmentation("d1"), [], AugmentConfig(qa_pairs=1, full_answers=True))
+    assert not full(one)  # its full answer is still to come
+    assert full(one + "Full answer: Charles Babbage designed the Analytical Engine.\n")
 
 
 def test_grounded_means_every_answer_word_is_in_the_passage():

@@ -126,6 +126,18 @@ def test_stop_ends_a_row_and_the_others_go_on(tiny_llm):
     assert any(len(short) < len(whole) for whole, short in zip(full, stopped, strict=True))
 
 
+def test_each_row_may_have_its_own_stop_test(tiny_llm):
+    prompts = [[5, 17, 300, 42, 9], [7, 8], [1000, 2000, 3000, 11]]
+    full = tiny_llm.generate(prompts, 10)
+    stops = [lambda text: len(text) >= 2, lambda text: False, lambda text: len(text) >= 5]
+    stopped = tiny_llm.generate(prompts, 10, stop=stops)
+    assert stopped[1] == full[1]  # its test never holds: it runs to the budget
+    for i, limit in ((0, 2), (2, 5)):
+        assert full[i].startswith(stopped[i]) and (len(stopped[i]) >= limit or stopped[i] == full[i])
+    with pytest.raises(ValueError, match="2 stop tests for 3 prompts"):
+        tiny_llm.generate(prompts, 4, stop=stops[:2])
+
+
 def test_rows_leave_the_batch_with_their_own_lora_deltas(tiny_llm):
     """Each row carries its own merged adapter (ranks 2 and 6, and none, zero-padded as the pipeline stacks
     them); rows that stop early leave the batch, and the remaining rows keep their own deltas: every row

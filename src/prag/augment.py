@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -335,7 +336,8 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
                         for d in batch
                     ]
                     budget = config.qa_tokens_per_pair * n * (2 if config.full_answers else 1)
-                    outputs = llm.generate(prompts, budget, **sampling)
+                    stops = [_has_pairs(by_id[d], results[d], fallback[d], config) for d in batch]
+                    outputs = llm.generate(prompts, budget, stop=stops, **sampling)
                     for doc_id, output in zip(batch, outputs, strict=True):
                         _accept_qa(output, by_id[doc_id], results[doc_id], rejected[doc_id], fallback[doc_id], config)
                 bar.n = sum(complete(r) for r in results.values())
@@ -419,6 +421,27 @@ def _accept_question(
         rejected["duplicate"] += 1
     elif len(result.qa) < config.qa_pairs:
         result.qa.append({"question": question if question.endswith("?") else question + "?", "answer": answer})
+
+
+def _has_pairs(passage: Passage, result: Augmentation, fallback: list, config: AugmentConfig) -> Callable[[str], bool]:
+    """A stop test for one document's free QA generation: true at the end of a line once the reply holds
+    every grounded pair the document still needs (what `_accept_qa` would keep), so that a row does not
+    write spare pairs that nothing would use."""
+    needed = config.qa_pairs - len(result.qa)
+    seen = {q["question"].lower() for q in result.qa + fallback}
+
+    def done(text: str) -> bool:
+        if not text.rstrip(" \t").endswith("\n"):
+            return False  # only whole lines: the last pair's answer (or full answer) may still be going
+        pairs, _ = parse_qa(text, config.full_answers)
+        kept = {
+            p["question"].lower()
+            for p in pairs
+            if is_grounded(p["answer"], passage) and (p.get("full_answer") or not config.full_answers)
+        }
+        return len(kept - seen) >= needed
+
+    return done
 
 
 def _accept_qa(output: str, passage: Passage, result: Augmentation, rejected: Counter, fallback: list, config) -> None:

@@ -252,14 +252,15 @@ class LLM:
         temperature: float = 0.7,
         top_k: int = 50,
         seed: int = 0,
-        stop: Callable[[str], bool] | None = None,
+        stop: Callable[[str], bool] | list[Callable[[str], bool]] | None = None,
         clock: dict[str, float] | None = None,
         share_prefix: bool = True,
         prefix: PrefixCache | None = None,
     ) -> list[str]:
         """Generate for a batch of token-id prompts at once; returns the new text of each.
 
-        A row ends at one of `eos_ids` or once `stop(text_so_far)` holds, and finished rows leave the
+        A row ends at one of `eos_ids` or once `stop(text_so_far)` holds (`stop` may be one test per prompt,
+        for rows that know when they have what they need), and finished rows leave the
         batch, so one long row does not keep the others decoding; per-row LoRA deltas injected in the
         model (`lora.stack_padded`) leave with their rows. Sampling draws among the `top_k` most likely
         tokens only (`TopKSampler`); otherwise decoding is greedy. The leading tokens that all prompts
@@ -350,7 +351,7 @@ class LLM:
         group_width: int,
         max_new_tokens: int,
         pick: Callable[[torch.Tensor], torch.Tensor],
-        stop: Callable[[str], bool] | None,
+        stop: Callable[[str], bool] | list[Callable[[str], bool]] | None,
         deltas: lora.RowDeltas,
     ) -> tuple[list[list[int]], float | None]:
         """The decoding loop: the prompts (after the prefixes computed once) in one forward pass, then one token
@@ -358,6 +359,9 @@ class LLM:
         per-row deltas once a quarter of the rows are done (dropping copies the cache, so not at every
         finished row). Returns each row's tokens (up to its end token, included) and when the first came."""
         batch, width = input_ids.shape
+        stops = stop if isinstance(stop, list) or stop is None else [stop] * batch
+        if stops is not None and len(stops) != batch:
+            raise ValueError(f"{len(stops)} stop tests for {batch} prompts: give one per prompt, or one for all")
         cache = _generation_cache(self.model.config, capacity=width + max_new_tokens)
         computed = prefix_len + group_width  # the columns whose keys and values are filled before the pass
         if computed:
@@ -384,11 +388,11 @@ class LLM:
                 if not done:
                     generated[rows[i]].append(t)
             finished |= torch.isin(token, eos)
-            if stop is not None:
+            if stops is not None:
                 going = (~finished).nonzero()[:, 0].tolist()
                 texts = self.tokenizer.batch_decode([generated[rows[i]] for i in going], skip_special_tokens=True)
                 for i, text in zip(going, texts, strict=True):
-                    finished[i] = stop(text)
+                    finished[i] = stops[rows[i]](text)
             if finished.all() or step == max_new_tokens - 1:
                 break
             if finished.sum() >= max(1, len(rows) // 4):
