@@ -102,6 +102,8 @@ def test_popqa_documents_are_parameterized_with_the_spans_recipe_by_default():
     config = load_config(_args("eval", "--dataset", "../shared/data/qa/popqa/dev.jsonl", "--out", "x"))
     assert config.augment.qa_style == "answer_first" and config.train.qa_context == "none"
     assert (config.augment.rewrites, config.train.epochs, config.train.lr) == (0, 3, 1e-3)
+    assert config.augment.attempts == 3  # a retried span costs one short question
     for name, profile in (("hotpotqa", "default"), ("popqa", "reference")):
         config = load_config(_args("eval", "--dataset", f"x/{name}/dev.jsonl", "--out", "x", "--profile", profile))
         assert config.augment.qa_style == "free" and config.train.qa_context == "reference"
+        assert config.augment.attempts == 1  # free-form QA: one generation round (docs/performance.md)

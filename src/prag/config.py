@@ -154,7 +154,10 @@ class AugmentConfig:
     full_answers: bool = False
     # answer_first: every question must name the passage's subject (its title), as users' questions do
     name_subject: bool = False
-    attempts: int = 3  # generation rounds per document before giving up on missing items
+    # generation rounds per document before giving up on missing items (ungrounded pairs then fill in). One
+    # round: on the multi-hop tune slices a second and third round doubled the offline cost for F1 within the
+    # paired interval (docs/performance.md, "One generation round"); answer-first spans (PopQA) keep 3
+    attempts: int = 1
     # keep a QA pair only if the model, reading the passage, answers its question with its answer
     roundtrip: bool = False
     temperature: float = 0.7

@@ -36,9 +36,11 @@ PROFILES = ("default", "reference")
 
 _COT = {"answer.style": "cot", "answer.max_new_tokens": 128, "augment.full_answers": True}
 # Answer-first spans (what the subject is, names, dates), every pair trained alone, three epochs at 1e-3;
-# no rewrite (nothing reads it when every pair trains alone)
+# no rewrite (nothing reads it when every pair trains alone); three rounds, as chosen (a retried span is one
+# short question)
 SPANS = {
     "augment.qa_style": "answer_first",
+    "augment.attempts": 3,
     "augment.rewrites": 0,
     "train.qa_context": "none",
     "train.epochs": 3,
