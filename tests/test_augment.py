@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import prag.augment as augment_module
 from prag.augment import (
+    RESCUE_ROUNDS,
     Augmentation,
     _has_pairs,
     _rewrite_done,
@@ -105,9 +107,10 @@ def test_the_round_trip_keeps_a_question_that_asks_for_its_answer(default_llm):
     assert roundtrip_passes(default_llm, pairs) == [True, False]
 
 
-def test_round_trip_augmentation_keeps_only_what_passes_of_the_same_pairs(default_llm):
+def test_round_trip_augmentation_keeps_only_what_passes_of_the_same_pairs(default_llm, monkeypatch):
     """The same seed draws the same pairs with and without the check: with it, those kept are among them and
-    every other one is counted as not_roundtrip."""
+    every other one is counted as not_roundtrip (in one round: a rescue round would draw more)."""
+    monkeypatch.setattr(augment_module, "RESCUE_ROUNDS", 0)
     plain = AugmentConfig(rewrites=0, qa_pairs=4, attempts=1)
     checked = AugmentConfig(rewrites=0, qa_pairs=4, attempts=1, roundtrip=True)
     [drawn] = augment(default_llm, [PASSAGE], plain, show_progress=False)
@@ -148,3 +151,20 @@ def test_a_rewrite_after_a_preamble_is_kept():
     # generation stops after the first paragraph of rewrite, not after the preamble
     assert not _rewrite_done("Here is a rewritten version:\n\nAda Love")
     assert _rewrite_done(f"Here is a rewritten version:\n\n{body}\n\nI")
+
+
+def test_a_document_left_without_any_pair_gets_qa_only_rescue_rounds(tiny_llm, monkeypatch):
+    """A random model writes no parsable pair: after its one round the document has none, so up to
+    RESCUE_ROUNDS more rounds ask for QA pairs only (no rewrite again) before it is given up."""
+    calls = []
+    generate = tiny_llm.generate
+
+    def counted(prompts, max_new_tokens, **kwargs):
+        calls.append("rewrite" if max_new_tokens == 8 else "qa")
+        return generate(prompts, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(tiny_llm, "generate", counted)
+    config = AugmentConfig(rewrites=1, qa_pairs=2, attempts=1, rewrite_max_tokens=8, qa_tokens_per_pair=3)
+    [result] = augment(tiny_llm, [PASSAGE], config, show_progress=False)
+    assert result.qa == []
+    assert calls == ["rewrite", "qa"] + ["qa"] * RESCUE_ROUNDS

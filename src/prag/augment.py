@@ -77,6 +77,8 @@ _EXAMPLE_FULL_ANSWERS = [
 ]
 
 
+RESCUE_ROUNDS = 2  # QA-only rounds after `attempts`, for documents left without any pair
+
 # Bump when the answer-first prompt or the choice of spans changes: stored answer-first augmentations (and
 # the adapters trained on them) are keyed by it, so a store never mixes the old questions with the new.
 # 2: the passage first in the prompt; 3: spans of what the subject is, whole dates, no single digits.
@@ -267,7 +269,9 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
 
     A round makes one generation per missing rewrite and one per document still short of QA pairs
     (asking for all its missing pairs at once: the prompt, which dominates the cost on a CPU, is then
-    read once). Rounds repeat, with fresh seeds, until every document is complete or `attempts` ran out.
+    read once). Rounds repeat, with fresh seeds, until every document is complete or `attempts` ran out;
+    then up to RESCUE_ROUNDS more, for QA pairs only, for the documents that still have none at all
+    (a document without a pair would get a LoRA that learned nothing).
     """
     if config.full_answers and config.qa_style != "free":
         raise ValueError(
@@ -288,11 +292,17 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
     def complete(r: Augmentation) -> bool:
         return len(r.rewrites) >= config.rewrites and len(r.qa) >= config.qa_pairs
 
-    for attempt in range(config.attempts):
-        rewrite_jobs = [p.id for p in passages for _ in range(config.rewrites - len(results[p.id].rewrites))]
+    for attempt in range(config.attempts + RESCUE_ROUNDS):
+        # after `attempts` rounds, only the documents without a single QA pair (grounded or not) go on
+        rescue = attempt >= config.attempts
+        todo = [p for p in passages if not (rescue and (results[p.id].qa or fallback[p.id]))]
+        if not todo:
+            break
+        rewrites = 0 if rescue else config.rewrites
+        rewrite_jobs = [p.id for p in todo for _ in range(rewrites - len(results[p.id].rewrites))]
         if config.qa_style == "answer_first":  # one job per (document, answer span) still needed
             qa_jobs = []
-            for p in passages:
+            for p in todo:
                 missing = config.qa_pairs - len(results[p.id].qa)
                 used = {qa["answer"] for qa in results[p.id].qa}
                 fresh = [a for a in spans[p.id] if a not in tried[p.id]]
@@ -301,7 +311,7 @@ def augment(llm: LLM, passages: list[Passage], config: AugmentConfig, show_progr
                 tried[p.id].update(chosen)
                 qa_jobs += [(p.id, a) for a in chosen]
         else:
-            qa_jobs = [p.id for p in passages if len(results[p.id].qa) < config.qa_pairs]
+            qa_jobs = [p.id for p in todo if len(results[p.id].qa) < config.qa_pairs]
         for kind, jobs in (("rewrite", rewrite_jobs), ("qa", qa_jobs)):
             for start in range(0, len(jobs), config.batch_size):
                 batch = jobs[start : start + config.batch_size]
