@@ -71,6 +71,7 @@ def main() -> None:
         print(f"round {round_ + 1}/{args.rounds} done", flush=True)
 
     median = {s: {k: statistics.median(v) for k, v in times[s].items()} for s in SETTINGS}
+    frozen_start = pipeline.frozen_prefix()
     same = sum(a == b for a, b in zip(texts["lora"], texts["frozen"], strict=True))
     result = {
         "command": " ".join(sys.argv),
@@ -80,7 +81,7 @@ def main() -> None:
         "median_seconds_per_batch": median,
         "frozen_over_lora": {k: median["frozen"][k] / median["lora"][k] for k in ("first_token", "total")},
         "same_answers": same,
-        "prefix_tokens": len(pipeline.frozen_prefix().ids) if pipeline.frozen_prefix() else 0,
+        "prefix_tokens": len(frozen_start.ids) if frozen_start else 0,
         "prompt_tokens_mean": statistics.mean(len(p.prompt) for p in prepared),
     }
     print(json.dumps(result, indent=1))

@@ -281,6 +281,9 @@ class LLM:
         `row_new_tokens` (each row's count).
         """
         began, given = time.perf_counter(), prefix
+        stops = stop if isinstance(stop, list) or stop is None else [stop] * len(prompts)
+        if stops is not None and len(stops) != len(prompts):
+            raise ValueError(f"{len(stops)} stop tests for {len(prompts)} prompts: give one per prompt, or one for all")
         with self.phase("generate"):
             deltas = lora.RowDeltas(self.model, len(prompts))
             share = share_prefix and len(prompts) > 1 and not deltas
@@ -320,7 +323,7 @@ class LLM:
                     group_width,
                     max_new_tokens,
                     pick,
-                    stop,
+                    stops,
                     deltas,
                 )
             finally:
@@ -351,7 +354,7 @@ class LLM:
         group_width: int,
         max_new_tokens: int,
         pick: Callable[[torch.Tensor], torch.Tensor],
-        stop: Callable[[str], bool] | list[Callable[[str], bool]] | None,
+        stops: list[Callable[[str], bool]] | None,
         deltas: lora.RowDeltas,
     ) -> tuple[list[list[int]], float | None]:
         """The decoding loop: the prompts (after the prefixes computed once) in one forward pass, then one token
@@ -359,9 +362,6 @@ class LLM:
         per-row deltas once a quarter of the rows are done (dropping copies the cache, so not at every
         finished row). Returns each row's tokens (up to its end token, included) and when the first came."""
         batch, width = input_ids.shape
-        stops = stop if isinstance(stop, list) or stop is None else [stop] * batch
-        if stops is not None and len(stops) != batch:
-            raise ValueError(f"{len(stops)} stop tests for {batch} prompts: give one per prompt, or one for all")
         cache = _generation_cache(self.model.config, capacity=width + max_new_tokens)
         computed = prefix_len + group_width  # the columns whose keys and values are filled before the pass
         if computed:
