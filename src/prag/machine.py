@@ -46,6 +46,7 @@ from .atomic import atomic_write_text
 PHASES = ("generate", "train")
 CANDIDATES = (torch.float32, torch.bfloat16)
 NAMES = {str(dtype).removeprefix("torch.") for dtype in CANDIDATES}
+MEASUREMENT = 2  # bump when the timed work changes: a cached choice made by another measurement is redone
 SLOW = 3.0  # a dtype whose first run takes this many times the best one's time so far is timed only once
 Timings = dict[str, dict[str, dict[str, float | None]]]  # phase -> dtype -> {"idle", "busy"} seconds
 
@@ -151,15 +152,15 @@ def _total(timing: dict[str, float | None]) -> float:
 
 
 def machine_key(threads: int) -> str:
-    """What the measurement depends on: the CPU model, the CPUs, the forced thread count (0: adaptive)
-    and torch's version."""
+    """What the measurement depends on: the CPU model, the CPUs, the forced thread count (0: adaptive),
+    torch's version and the measurement itself."""
     cpu = platform.processor()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    payload = f"{cpu}|{available_cpus()}|{threads}|{torch.__version__}"
+    payload = f"{cpu}|{available_cpus()}|{threads}|{torch.__version__}|m{MEASUREMENT}"
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -248,8 +249,13 @@ def _seconds(fn: Callable[[], None]) -> float:
 
 
 @torch.no_grad()
-def _generation_step(model: PreTrainedModel, batch: int = 4, prompt: int = 32, new_tokens: int = 8) -> None:
-    """A prefill and a few single-token decoding steps through a KV cache, as generation does."""
+def _generation_step(model: PreTrainedModel, batch: int = 8, prompt: int = 128, new_tokens: int = 8) -> None:
+    """A batch of prompts read, then a few single-token decoding steps through a KV cache, as generation does.
+
+    Mostly prompt, as real calls are (augmentation reads passages of a few hundred tokens at batch 16-32,
+    `rag` three passages): a shorter prompt (32 tokens at batch 4, MEASUREMENT 1) timed mostly decoding
+    and chose fp32 or bf16 from one measurement to the next on a CPU where bf16 augments 1.6x faster
+    (docs/performance.md, "The generation dtype")."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(model.device)
     cache = DynamicCache(config=model.config)
