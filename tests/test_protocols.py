@@ -37,6 +37,7 @@ def test_reference_profile_is_the_reference_implementations_settings():
     for settings in (hotpot, popqa, protocol_settings("unknown", "reference")):
         assert settings["answer.instruction"] == "reference" and settings["train.loss_on"] == "all"
         assert settings["train.prefix"] == "lora"  # the reference trains the LoRA on every token
+        assert settings["augment.rewrites"] == 1  # and on one rewrite of each passage (our default: none)
     assert protocol_settings("unknown") == {} and protocol_settings("none", "reference") == {}
     with pytest.raises(ValueError, match="unknown protocol profile"):
         protocol_settings("popqa", "paper")
@@ -107,3 +108,4 @@ def test_popqa_documents_are_parameterized_with_the_spans_recipe_by_default():
         config = load_config(_args("eval", "--dataset", f"x/{name}/dev.jsonl", "--out", "x", "--profile", profile))
         assert config.augment.qa_style == "free" and config.train.qa_context == "reference"
         assert config.augment.attempts == 1  # free-form QA: one generation round (docs/performance.md)
+        assert config.augment.rewrites == (1 if profile == "reference" else 0)  # no rewrite by default

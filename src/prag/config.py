@@ -145,7 +145,10 @@ class TrainConfig:
 
 @dataclass
 class AugmentConfig:
-    rewrites: int = 1
+    # rewrites of the passage per document (the paper: 1; `--profile reference` keeps it). None by default: on
+    # the multi-hop tune slices QA pairs alone kept F1 within the paired interval at half the offline cost
+    # (docs/performance.md, "No rewrite")
+    rewrites: int = 0
     qa_pairs: int = 3
     # "free": the model writes question/answer pairs (reference). "answer_first": answer spans are picked from
     # the passage (what the subject is, names, dates, numbers; not the title); the model writes a question for each.

@@ -21,8 +21,9 @@ Two profiles:
                configs/*_llama3.2-1b-instruct.sh and src/prompt_template.py): chain-of-thought with
                few-shot examples and full-sentence training answers on HotpotQA and 2WikiMultihopQA
                (128 new tokens), direct answers in 20 tokens on PopQA and ComplexWebQuestions, two
-               epochs on PopQA, its prompt word for word, loss on every token, the LoRA trained on every
-               token (`train.prefix=lora`; our default leaves the shared chat header and instruction frozen)
+               epochs on PopQA, its prompt word for word, one rewrite per document (our default has none),
+               loss on every token, the LoRA trained on every token (`train.prefix=lora`; our default leaves
+               the shared chat header and instruction frozen)
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 # every reference protocol: its prompt word for word, and the whole-sequence loss
-_REFERENCE_COMMON = {"answer.instruction": "reference", "train.loss_on": "all", "train.prefix": "lora"}
+_REFERENCE_COMMON = {
+    "answer.instruction": "reference",
+    "augment.rewrites": 1,
+    "train.loss_on": "all",
+    "train.prefix": "lora",
+}
 
 
 def dataset_name(path: str | Path) -> str:
