@@ -69,6 +69,13 @@ def test_dtype_measurement_picks_the_fastest_per_phase_and_is_cached(tiny_llm, t
     assert machine.measured_dtypes(model, cache_file, measure=must_not_measure) == result
 
 
+def test_a_new_measurement_is_not_answered_from_an_old_one(monkeypatch):
+    key = machine.machine_key(0)
+    assert machine.machine_key(0) == key and machine.machine_key(1) != key
+    monkeypatch.setattr(machine, "MEASUREMENT", machine.MEASUREMENT + 1)  # the timed work changed
+    assert machine.machine_key(0) != key
+
+
 def test_choose_weighs_idle_and_busy_time():
     # the reported case: bf16 faster idle, collapsing beside another job
     timings = {
