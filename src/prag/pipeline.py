@@ -567,7 +567,8 @@ class Pipeline:
         """Generate for prepared requests in one batched pass, each row with its own merged adapter.
 
         Rows may differ in mode, prompt length and adapter rank (zero-padded: exact); with greedy
-        decoding a row's answer is the one it gets alone. One request injects its adapter as is.
+        decoding in fp32 a row's answer is the one it gets alone (in bf16 another batch shape rounds
+        differently and can flip a near-tie). One request injects its adapter as is.
         The dyprag rows' LoRAs are generated first, here: in a service this is the thread that owns the model.
         """
         if not batch:
