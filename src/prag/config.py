@@ -147,7 +147,7 @@ class TrainConfig:
 class AugmentConfig:
     # rewrites of the passage per document (the paper: 1; `--profile reference` keeps it). None by default: on
     # the multi-hop tune slices QA pairs alone kept F1 within the paired interval at half the offline cost
-    # (docs/performance.md, "No rewrite")
+    # (docs/performance.md, "The generation dtype, and no rewrite")
     rewrites: int = 0
     qa_pairs: int = 3
     # "free": the model writes question/answer pairs (reference). "answer_first": answer spans are picked from

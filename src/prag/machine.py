@@ -255,7 +255,7 @@ def _generation_step(model: PreTrainedModel, batch: int = 8, prompt: int = 128, 
     Mostly prompt, as real calls are (augmentation reads passages of a few hundred tokens at batch 16-32,
     `rag` three passages): a shorter prompt (32 tokens at batch 4, MEASUREMENT 1) timed mostly decoding
     and chose fp32 or bf16 from one measurement to the next on a CPU where bf16 augments 1.6x faster
-    (docs/performance.md, "The generation dtype")."""
+    (docs/performance.md, "The generation dtype, and no rewrite")."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(model.device)
     cache = DynamicCache(config=model.config)
