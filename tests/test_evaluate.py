@@ -15,6 +15,7 @@ from prag.evaluate import (
     load_questions,
     normalize_answer,
     paired_bootstrap,
+    pool_runs,
     recall_at_k,
     report_md,
     stored_answer_f1,
@@ -304,3 +305,62 @@ def test_coverage_splits_f1_by_whether_the_augmentation_holds_the_answer():
 
 
 _ZERO_MS = {"retrieval": 0.0, "load_merge": 0.0, "generation": 0.0, "total": 0.0, "first_token": 0.0, "per_token": 0.0}
+
+
+def _chunk(tmp_path, name, questions, answers, offline, **changes):
+    """A `prag eval` output directory for some questions, answered in closed and prag."""
+    ev = Evaluation()
+    for q, short in zip(questions, answers, strict=True):
+        ev.add(q, "closed", _answer(short, generation=0.1))
+        ev.add(q, "prag", _answer(short if q.id != "q1" else "x", generation=0.2))
+    extra = {"slice": {"name": "report", "offset": 0, "ids": [q.id for q in questions]}, "config": {"lr": 1}}
+    m = ev.metrics("toy", top_k=3, model="tiny", extra={**extra, "offline": offline, **changes})
+    write_results(tmp_path / name, m, ev.records)
+    return tmp_path / name, ev
+
+
+def test_pooled_chunks_score_as_one_run(tmp_path):
+    from prag.cli import main
+
+    q0, q1, q2 = load_questions(_write_jsonl(tmp_path / "d.jsonl", ROWS))
+    off_a = {"documents_parameterized": 3, "parameterize_s": 6.0, "augment_s": 4.0, "train_s": 2.0}
+    off_b = {"documents_parameterized": 1, "parameterize_s": 1.0, "augment_s": 0.5, "train_s": 0.5}
+    a, ev_a = _chunk(tmp_path, "a", [q0, q1], ["Ann", "nope"], off_a)
+    b, ev_b = _chunk(tmp_path, "b", [q2], ["1999"], off_b)
+    whole = Evaluation()
+    whole.records = ev_a.records + ev_b.records
+    pooled, records = pool_runs([a, b])
+    assert records == whole.records and pooled["n"] == 3
+    assert pooled["modes"] == whole.metrics("toy", 3, "tiny")["modes"]
+    assert pooled["comparisons"]["prag - closed"]["diff"] == pytest.approx(1 / 3, abs=1e-4)  # q1 right only in prag
+    assert pooled["offline"] == {
+        "documents_parameterized": 4,
+        "parameterize_s": 7.0,
+        "augment_s": 4.5,
+        "train_s": 2.5,
+        "parameterize_s_per_doc": 1.75,
+    }
+    assert pooled["slice"]["ids"] == ["q0", "q1", "q2"] and pooled["pooled_from"] == [str(a), str(b)]
+
+    assert main(["pool", str(a), str(b), "--out", str(tmp_path / "ab")]) == 0
+    assert json.loads((tmp_path / "ab" / "metrics.json").read_text())["modes"] == pooled["modes"]
+    assert f"Pooled by `prag pool` from: {a}, {b}" in (tmp_path / "ab" / "report.md").read_text()
+
+
+def test_pooling_refuses_what_is_not_one_evaluation(tmp_path, capsys):
+    from prag.cli import main
+
+    q0, q1, q2 = load_questions(_write_jsonl(tmp_path / "d.jsonl", ROWS))
+    a, _ = _chunk(tmp_path, "a", [q0, q1], ["Ann", "x"], {})
+    again, _ = _chunk(tmp_path, "again", [q1, q2], ["x", "1999"], {})
+    with pytest.raises(ValueError, match=r"\['q1'\] were answered in .*a too"):
+        pool_runs([a, again])
+    other, _ = _chunk(tmp_path, "other", [q2], ["1999"], {}, config={"lr": 2})
+    with pytest.raises(ValueError, match="its 'config' differs"):
+        pool_runs([a, other])
+    broken, _ = _chunk(tmp_path, "broken", [q2], ["1999"], {})
+    lines = (broken / "predictions.jsonl").read_text().splitlines()
+    (broken / "predictions.jsonl").write_text(lines[0] + "\n{oops\n")
+    assert main(["pool", str(a), str(broken), "--out", str(tmp_path / "out")]) == 2
+    assert f"{broken / 'predictions.jsonl'}:2: invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -172,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = commands.add_parser(
+        "pool",
+        help="pool chunks of one `prag eval` (disjoint questions: --offset/--limit) into one run",
+        description="Join the per-question records of chunked `prag eval` runs and recompute the metrics, paired "
+        "intervals, report and plots, as if the slice had been evaluated in one run; the offline costs are summed. "
+        "The chunks must share dataset, model, top-k, config, protocol and modes.",
+    )
+    p.add_argument("runs", nargs="+", help="prag eval output directories")
+    p.add_argument("--out", required=True, help="output directory for the pooled run")
+
+    p = commands.add_parser(
         "recall",
         help="does each document's LoRA answer the questions it was trained on? (own vs another's LoRA)",
         description="Ask every document's own generated questions without the passage, with its own LoRA, another "
@@ -267,6 +277,8 @@ def load_config(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "pool":  # reads result files only: no workspace, no model
+            return cmd_pool(args)
         config = load_config(args)
         pipeline = Pipeline(args.home, config, store=args.store)
         return COMMANDS[args.command](pipeline, args)
@@ -402,6 +414,16 @@ def cmd_eval(pipeline: Pipeline, args) -> int:
         print(answers_table(evaluation.records, modes))
     print(summary_table(metrics))
     print(f"wrote {args.out}/metrics.json, predictions.jsonl, report.md")
+    return 0
+
+
+def cmd_pool(args) -> int:
+    from .evaluate import pool_runs, write_results
+
+    metrics, records = pool_runs(args.runs)
+    write_results(args.out, metrics, records, notes="Pooled by `prag pool` from: " + ", ".join(args.runs))
+    print(summary_table(metrics))
+    print(f"pooled {len(args.runs)} runs, {metrics['n']} questions: wrote {args.out}/metrics.json, report.md")
     return 0
 
 

@@ -445,6 +445,75 @@ def write_results(out_dir: str | Path, metrics: dict, records: list[dict], notes
     atomic_write_bytes(out / "report.md", report_md(metrics, notes).encode())
 
 
+# what chunks of one evaluation must share; the offline parts are summed (a later chunk builds only the documents
+# the earlier ones had not)
+_SHARED = ("dataset", "top_k", "model", "config", "protocol")
+_SUMMED = ("documents_parameterized", "parameterize_s", "augment_s", "train_s")
+
+
+def pool_runs(run_dirs: list[str | Path]) -> tuple[dict, list[dict]]:
+    """Pool chunks of one evaluation (`prag eval --offset/--limit` on disjoint questions) into one run.
+
+    Long evaluations are run in chunks so that a crash or a stop loses one chunk, not hours; the report then
+    needs the whole slice's means and paired intervals, recomputed here from the chunks' per-question records.
+    """
+    metrics, records, seen = [], [], {}
+    for run in map(Path, run_dirs):
+        m = _read_json(run / "metrics.json")
+        first = metrics[0] if metrics else m
+        for key in _SHARED:
+            if m.get(key) != first.get(key):
+                raise ValueError(f"{run}: its {key!r} differs from {run_dirs[0]}'s: not chunks of one evaluation")
+        if sorted(m["modes"]) != sorted(first["modes"]):
+            raise ValueError(f"{run}: answered modes {sorted(m['modes'])}, {run_dirs[0]} {sorted(first['modes'])}")
+        path = run / "predictions.jsonl"
+        with open(path, encoding="utf-8") as f:
+            rows = [_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
+        ids = {r["id"] for r in rows}
+        again = sorted(ids & seen.keys())
+        if again:
+            raise ValueError(f"{run}: question(s) {again[:3]} were answered in {seen[again[0]]} too")
+        seen.update(dict.fromkeys(ids, run))
+        metrics.append(m)
+        records += rows
+    evaluation = Evaluation()
+    evaluation.records = records
+    offline: dict = {k: round(sum(m.get("offline", {}).get(k) or 0 for m in metrics), 2) for k in _SUMMED}
+    built = offline["documents_parameterized"]
+    offline["parameterize_s_per_doc"] = round(offline["parameterize_s"] / built, 2) if built else None
+    first = metrics[0]
+    pooled = evaluation.metrics(
+        first["dataset"],
+        first["top_k"],
+        first["model"],
+        extra={
+            "slice": {
+                "name": "+".join(dict.fromkeys(m.get("slice", {}).get("name", "?") for m in metrics)),
+                "offset": min(m.get("slice", {}).get("offset", 0) for m in metrics),
+                "ids": [i for m in metrics for i in m.get("slice", {}).get("ids", [])],
+            },
+            **{k: first[k] for k in ("batch_size", "protocol", "config") if k in first},
+            "offline": offline,
+            "pooled_from": [str(r) for r in run_dirs],
+        },
+    )
+    return pooled, records
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
+
+
+def _json_line(line: str, path: Path, number: int) -> dict:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{number}: invalid JSON: {error.msg}") from None
+
+
 # ---------------------------------------------------------------- running
 
 
