@@ -86,6 +86,23 @@ def compare(a: str, b: str, datasets: list[str]) -> dict[str, dict]:
     return out
 
 
+def every_mode(a: str, b: str, datasets: list[str], labels: tuple[str, str]) -> str:
+    """Where both recipes answered the same modes (for example two answer styles, which change `closed` and `rag`
+    too): F1 per mode under each, b - a with its interval, and the mean over the modes."""
+    la, lb = labels
+    lines = [f"| dataset | mode | {la} | {lb} | {lb} - {la} |", "|---|---|---|---|---|"]
+    for dataset in datasets:
+        run_a, run_b = (per_question_f1(Path(p.format(dataset=dataset))) for p in (a, b))
+        modes = [m for m in run_b if m in run_a]
+        for m in modes:
+            lines.append(
+                f"| {dataset} | {m} | {mean(run_a[m]):.3f} | {mean(run_b[m]):.3f} | {fmt(paired(run_a[m], run_b[m]))} |"
+            )
+        mean_a, mean_b = (sum(mean(run[m]) for m in modes) / len(modes) for run in (run_a, run_b))
+        lines.append(f"| {dataset} | mean of the {len(modes)} | {mean_a:.3f} | {mean_b:.3f} | {mean_b - mean_a:+.3f} |")
+    return "\n".join(lines)
+
+
 def markdown(table: dict[str, dict], labels: tuple[str, str]) -> str:
     a, b = labels
     lines = [
@@ -155,6 +172,8 @@ def main() -> None:
     args = parser.parse_args()
     table = compare(args.a, args.b, args.datasets)
     print(markdown(table, tuple(args.labels)))
+    if all("closed" in per_question_f1(Path(args.a.format(dataset=d))) for d in args.datasets):
+        print("\n" + every_mode(args.a, args.b, args.datasets, tuple(args.labels)))
     if args.plot:
         plot(table, tuple(args.labels), args.plot)
 
