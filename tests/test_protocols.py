@@ -39,6 +39,15 @@ def test_reference_profile_is_the_reference_implementations_settings():
         assert settings["train.prefix"] == "lora"  # the reference trains the LoRA on every token
         assert settings["augment.rewrites"] == 1  # and on one rewrite of each passage (our default: none)
     assert protocol_settings("unknown") == {} and protocol_settings("none", "reference") == {}
+    for name in ("hotpotqa", "2wikimultihopqa"):  # ours: chain-of-thought too (it won on the tune slice)
+        ours = protocol_settings(name)
+        assert (ours["answer.style"], ours["answer.max_new_tokens"], ours["augment.full_answers"]) == ("cot", 128, True)
+        assert ours["answer.fewshot"] == name and "answer.instruction" not in ours
+    assert (
+        protocol_settings("popqa")["answer.style"]
+        == protocol_settings("complexwebquestions")["answer.style"]
+        == "direct"
+    )
     with pytest.raises(ValueError, match="unknown protocol profile"):
         protocol_settings("popqa", "paper")
     for profile in PROTOCOLS.values():  # every protocol is a valid config
