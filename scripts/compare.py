@@ -63,8 +63,8 @@ def compare(a: str, b: str, datasets: list[str]) -> dict[str, dict]:
             "n": len(closed),
             "closed": mean(closed),
             "rag": mean(rag),
-            "a": {m: mean(run_a[m]) for m in ("prag", "combine")},
-            "b": {m: mean(run_b[m]) for m in ("prag", "combine")},
+            "a": {m: mean(run_a[m]) for m in ("closed", "rag", "prag", "combine") if m in run_a},
+            "b": {m: mean(run_b[m]) for m in ("closed", "rag", "prag", "combine")},
             "b_minus_a": {m: paired(run_a[m], run_b[m]) for m in ("prag", "combine")},
             "b_vs_baselines": {
                 "prag - closed": paired(closed, run_b["prag"]),
@@ -140,14 +140,16 @@ def plot(table: dict[str, dict], labels: tuple[str, str], path: str) -> None:
     FigureCanvasAgg(fig)
     for i, (dataset, r) in enumerate(table.items()):
         ax = fig.add_subplot(1, len(table), i + 1)
-        names, values, colors, hatches = ["closed", "rag"], [r["closed"], r["rag"]], ["0.6", "0.3"], ["", ""]
-        for mode in ("prag", "combine"):
+        names, values, colors, hatches = [], [], [], []
+        if "closed" not in r["a"]:  # the baselines do not depend on the recipes: drawn once
+            names, values, colors, hatches = ["closed", "rag"], [r["closed"], r["rag"]], ["0.6", "0.3"], ["", ""]
+        for mode in ("closed", "rag", "prag", "combine") if "closed" in r["a"] else ("prag", "combine"):
             for side, color in (("a", "C0"), ("b", "C1")):
                 names.append(f"{mode}\n{labels[side == 'b']}")
                 values.append(r[side][mode])
                 colors.append(color)
                 hatches.append("")
-                if mode in r["unrelated"][side]:  # the same recipe with unrelated documents' LoRAs
+                if mode in r["unrelated"].get(side, {}):  # the same recipe with unrelated documents' LoRAs
                     names.append(f"{mode}\n{labels[side == 'b']}\nunrelated")
                     values.append(r["unrelated"][side][mode])
                     colors.append("white")
