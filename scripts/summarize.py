@@ -104,7 +104,7 @@ def by_type(runs: list[dict]) -> list[str]:
                 + " | ".join("-" if c is None else f"{c['f1']:.3f}" for c in cells)
                 + f" | {' / '.join(f'{v:.3f}' for v in paper) if paper else '-'} |"
             )
-    return lines
+    return lines if len(lines) > 2 else ["(none: these sets have no question types)"]
 
 
 def latency(runs: list[dict]) -> list[str]:
