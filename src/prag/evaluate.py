@@ -459,7 +459,7 @@ def pool_runs(run_dirs: list[str | Path]) -> tuple[dict, list[dict]]:
     """
     metrics, records, seen = [], [], {}
     for run in map(Path, run_dirs):
-        m = _read_json(run / "metrics.json")
+        m = _loads((run / "metrics.json").read_text(encoding="utf-8"), run / "metrics.json")
         first = metrics[0] if metrics else m
         for key in _SHARED:
             if m.get(key) != first.get(key):
@@ -468,7 +468,7 @@ def pool_runs(run_dirs: list[str | Path]) -> tuple[dict, list[dict]]:
             raise ValueError(f"{run}: answered modes {sorted(m['modes'])}, {run_dirs[0]} {sorted(first['modes'])}")
         path = run / "predictions.jsonl"
         with open(path, encoding="utf-8") as f:
-            rows = [_json_line(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
+            rows = [_loads(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
         ids = {r["id"] for r in rows}
         again = sorted(ids & seen.keys())
         if again:
@@ -500,18 +500,12 @@ def pool_runs(run_dirs: list[str | Path]) -> tuple[dict, list[dict]]:
     return pooled, records
 
 
-def _read_json(path: Path) -> dict:
+def _loads(text: str, path: Path, line: int | None = None) -> dict:
+    """JSON from `path` (the whole file, or its line `line`), or an error naming the file and line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
-
-
-def _json_line(line: str, path: Path, number: int) -> dict:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{number}: invalid JSON: {error.msg}") from None
+        raise ValueError(f"{path}:{line or error.lineno}: invalid JSON: {error.msg}") from None
 
 
 # ---------------------------------------------------------------- running
