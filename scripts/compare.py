@@ -19,19 +19,35 @@ import argparse
 import json
 from pathlib import Path
 
-from prag.evaluate import paired_bootstrap
+from prag.evaluate import paired_bootstrap, pool_runs
 
 RESAMPLES = 10_000
 
 
-def per_question_f1(run: Path) -> dict[str, dict[str, float]]:
-    """mode -> question id -> F1, from a run's predictions.jsonl."""
-    scores: dict[str, dict[str, float]] = {}
+def load_run(spec: str | Path) -> tuple[list[dict], dict]:
+    """The per-question records and the metrics of a `prag eval` directory, or of several joined by commas:
+    chunks of one evaluation on disjoint questions, pooled and checked by `prag pool`'s code."""
+    dirs = str(spec).split(",")
+    if len(dirs) > 1:
+        metrics, records = pool_runs(dirs)
+        return records, metrics
+    run = Path(dirs[0])
     with open(run / "predictions.jsonl") as f:
-        for line in f:
-            row = json.loads(line)
-            scores.setdefault(row["mode"], {})[row["id"]] = row["f1"]
+        records = [json.loads(line) for line in f if line.strip()]
+    return records, json.loads((run / "metrics.json").read_text())
+
+
+def by_mode(records: list[dict], field: str = "f1") -> dict[str, dict[str, float]]:
+    """mode -> question id -> the record's `field` (F1 by default)."""
+    scores: dict[str, dict[str, float]] = {}
+    for row in records:
+        scores.setdefault(row["mode"], {})[row["id"]] = row[field]
     return scores
+
+
+def per_question_f1(spec: str | Path) -> dict[str, dict[str, float]]:
+    """mode -> question id -> F1 of a run (or comma-joined chunks, see `load_run`)."""
+    return by_mode(load_run(spec)[0])
 
 
 def paired(x: dict[str, float], y: dict[str, float]) -> tuple[float, float, float]:

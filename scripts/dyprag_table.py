@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from compare import fmt, mean, paired, per_question_f1
+from compare import by_mode, fmt, load_run, mean, paired
 
 MODES = (
     "closed",
@@ -44,19 +43,19 @@ DIFFERENCES = (
 
 
 def load(runs: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[dict]]:
+    """F1 and EM (mode -> question id -> score) of runs that answered different modes of the same questions,
+    each a `prag eval` directory or comma-joined chunks of one (see `compare.load_run`), and their metrics."""
     f1: dict[str, dict[str, float]] = {}
     em: dict[str, dict[str, float]] = {}
     metrics = []
-    for run in (Path(r) for group in runs for r in group.split(",")):
-        for mode, by_id in per_question_f1(run).items():
-            if f1.get(mode, {}).keys() & by_id.keys():
-                raise ValueError(f"{run}: answers {mode} questions another run answered too")
-            f1.setdefault(mode, {}).update(by_id)
-        with open(run / "predictions.jsonl") as f:
-            for line in f:
-                row = json.loads(line)
-                em.setdefault(row["mode"], {})[row["id"]] = row["em"]
-        metrics.append(json.loads((run / "metrics.json").read_text()))
+    for run in runs:
+        records, m = load_run(run)
+        run_em = by_mode(records, "em")
+        for mode, by_id in by_mode(records).items():
+            if mode in f1:
+                raise ValueError(f"{run}: answers mode {mode} that another run answered too")
+            f1[mode], em[mode] = by_id, run_em[mode]
+        metrics.append(m)
     return f1, em, metrics
 
 

@@ -13,30 +13,15 @@ python scripts/knowledge_sweep.py default=runs/f1/default-hotpotqa "none e3=runs
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from compare import fmt, mean, paired, per_question_f1
-
-OFFLINE = ("documents_parameterized", "augment_s", "train_s")  # summed over the chunks of a pooled run
+from compare import by_mode, fmt, load_run, mean, paired
 
 
 def pooled(runs: str) -> tuple[dict[str, dict[str, float]], dict]:
     """Per-question F1 and metrics of one or more comma-separated runs of the same evaluation on disjoint
-    questions; the offline seconds and documents are summed."""
-    scores: dict[str, dict[str, float]] = {}
-    metrics: dict = {}
-    for run in (Path(r) for r in runs.split(",")):
-        part, m = per_question_f1(run), json.loads((run / "metrics.json").read_text())
-        for mode, by_id in part.items():
-            if scores.get(mode, {}).keys() & by_id.keys():
-                raise ValueError(f"{run}: answers questions another chunk of {runs!r} answered too")
-            scores.setdefault(mode, {}).update(by_id)
-        if metrics and m["dataset"] != metrics["dataset"]:
-            raise ValueError(f"{run}: dataset {m['dataset']!r}, the other chunks' is {metrics['dataset']!r}")
-        offline = {k: metrics.get("offline", {}).get(k, 0) + (m["offline"].get(k) or 0) for k in OFFLINE}
-        metrics = {**m, "offline": offline}
-    return scores, metrics
+    questions (pooled as `prag pool` does: the offline seconds and documents are summed)."""
+    records, metrics = load_run(runs)
+    return by_mode(records), metrics
 
 
 def row(label: str, runs: str, baselines: dict[str, str]) -> dict:

@@ -358,6 +358,13 @@ def test_pooling_refuses_what_is_not_one_evaluation(tmp_path, capsys):
     other, _ = _chunk(tmp_path, "other", [q2], ["1999"], {}, config={"lr": 2})
     with pytest.raises(ValueError, match="its 'config' differs"):
         pool_runs([a, other])
+    first = {"path": "t/translator.safetensors", "documents": 180, "seconds": 800.0}
+    gen_a, _ = _chunk(tmp_path, "gen_a", [q0, q1], ["Ann", "x"], {"translator": first})
+    gen_b, _ = _chunk(tmp_path, "gen_b", [q2], ["1999"], {"translator": first})
+    assert pool_runs([gen_a, gen_b])[0]["offline"]["translator"] == first  # the dyprag modes' source is kept
+    retrained, _ = _chunk(tmp_path, "retrained", [q2], ["1999"], {"translator": {**first, "seconds": 900.0}})
+    with pytest.raises(ValueError, match="different translators"):
+        pool_runs([gen_a, retrained])
     broken, _ = _chunk(tmp_path, "broken", [q2], ["1999"], {})
     lines = (broken / "predictions.jsonl").read_text().splitlines()
     (broken / "predictions.jsonl").write_text(lines[0] + "\n{oops\n")

@@ -256,3 +256,45 @@ def test_the_service_answers_in_dyprag_modes_without_building_anything(tiny_mode
             assert server.get(f"/v1/documents/{doc_id}").json()["status"] == "not_built"
     finally:
         server.stop()
+
+
+def test_generated_loras_are_cached_by_document_and_bounded():
+    from prag.corpus import Passage
+    from prag.translator import GeneratedCache
+
+    def adapter(value: float) -> dict:
+        return {"up_proj.A": torch.full((2, 2, 4), value), "up_proj.B": torch.full((2, 4, 2), value)}
+
+    size = 2 * 16 * 4  # two float32 tensors of 16 elements
+    cache = GeneratedCache(max_bytes=2 * size)
+    a, b, c = (Passage(f"d{i}", f"title {i}", f"text {i}") for i in range(3))
+    batch = torch.zeros(3, 2, 2, 4)
+    cache.put(a, {"up_proj.A": batch[0], "up_proj.B": torch.zeros(2, 4, 2)})
+    assert cache.get(a)["up_proj.A"].untyped_storage().nbytes() == 16 * 4  # a copy, not a view of the batch
+    cache.put(b, adapter(2.0))
+    assert cache.get(a) is not None  # a is now the most recently used
+    cache.put(c, adapter(3.0))  # over budget: the least recently used (b) goes
+    assert cache.get(b) is None and cache.get(c)["up_proj.A"][0, 0, 0] == 3.0 and cache.bytes == 2 * size
+    assert cache.get(Passage("d2", "title 2", "text changed")) is None  # a changed text is another document
+    GeneratedCache(max_bytes=size - 1).put(a, adapter(1.0))  # larger than the whole budget: not kept, no error
+
+
+def test_a_document_is_translated_once_while_cached(tiny_llm, tmp_path):
+    pipeline = _pipeline(tmp_path / "home", tiny_llm)
+    pipeline.index(DEMO / "corpus.jsonl", show_progress=False)
+    pipeline.train_translator(pipeline.retrieve("What is George Rankin's occupation?"), ["q0"], show_progress=False)
+    question = "Who directed the film Citizen Kane?"
+    first = pipeline.prepare(question, "dyprag")
+    pipeline.translate([first])
+    assert {p.id for p in first.translate} <= {key[0] for key in pipeline.generated.entries}
+    with torch.no_grad():  # a changed translator: only a document translated again would see it
+        for parameter in pipeline.translator.parameters():
+            parameter.mul_(3.0)
+    again = pipeline.prepare(question, "dyprag-combine")
+    pipeline.translate([again])
+    for key, value in first.adapter.items():
+        torch.testing.assert_close(again.adapter[key], value)
+    pipeline.generated.clear()
+    fresh = pipeline.prepare(question, "dyprag")
+    pipeline.translate([fresh])
+    assert any(not torch.allclose(fresh.adapter[key], value) for key, value in first.adapter.items())

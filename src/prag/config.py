@@ -31,6 +31,7 @@ NOT_KEYED = {
     "answer.lora_scale",
     "answer.prefix",
     "translator.checkpoint_every",
+    "translator.cache_mb",
 }
 # Fields added after stores existed, with the value that built everything stored before they existed: keyed
 # only when they differ from it, so that those stores are still found. The value is fixed here, not read
@@ -210,6 +211,9 @@ class TranslatorConfig:
     init_std: float = 1e-7  # every weight starts from N(0, init_std^2), as in the reference code
     seed: int = 0  # the order the documents are visited in, per epoch
     checkpoint_every: int = 50  # documents between resumable checkpoints
+    # at question time: the generated LoRAs of recently retrieved documents are kept up to this many MB (0: none),
+    # so a document retrieved again (another question, another mode) is not translated again
+    cache_mb: int = 256
 
 
 @dataclass

@@ -481,6 +481,11 @@ def pool_runs(run_dirs: list[str | Path]) -> tuple[dict, list[dict]]:
     offline: dict = {k: round(sum(m.get("offline", {}).get(k) or 0 for m in metrics), 2) for k in _SUMMED}
     built = offline["documents_parameterized"]
     offline["parameterize_s_per_doc"] = round(offline["parameterize_s"] / built, 2) if built else None
+    translators = [m.get("offline", {}).get("translator") for m in metrics]
+    if any(t != translators[0] for t in translators):  # the dyprag modes' generated LoRAs must share one source
+        raise ValueError(f"{run_dirs[0]} and another chunk used different translators: not chunks of one evaluation")
+    if translators[0]:
+        offline["translator"] = translators[0]
     first = metrics[0]
     pooled = evaluation.metrics(
         first["dataset"],

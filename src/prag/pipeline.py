@@ -143,6 +143,7 @@ class Pipeline:
         # the translator learns this adapter store's LoRAs: keyed by it, and by its own options
         self.translator_dir = self.home / "translators" / f"{adapter_key}-{cfg.key('translator')}"
         self._translator: dyprag.Translator | None = None
+        self.generated = dyprag.GeneratedCache(cfg.translator.cache_mb * 2**20)
         self._initial: lora.Adapter | None = None
         self._base: lora.Adapter | None = None
         # offline work done by this pipeline, cumulative: seconds augmenting and training, documents built
@@ -376,6 +377,7 @@ class Pipeline:
         dyprag.save(translator, self.translator_path, record)
         checkpoint.unlink(missing_ok=True)
         self._translator = translator
+        self.generated.clear()  # LoRAs of the translator it replaces
         return record
 
     def translator_record(self) -> dict:
@@ -526,8 +528,8 @@ class Pipeline:
         return weights
 
     def translate(self, batch: list[Prepared]) -> None:
-        """Generate the LoRAs of the rows' `translate` documents (all of them in one forward pass) and merge each
-        row's. Runs where the model is free of injected LoRAs, as the embedding must be the base model's."""
+        """Generate the LoRAs of the rows' `translate` documents (all those not cached, in one forward pass) and
+        merge each row's. Runs where the model is free of injected LoRAs, as the embedding must be the base model's."""
         pending = [p for p in batch if p.translate]
         if not pending:
             return
@@ -536,8 +538,14 @@ class Pipeline:
         if translator.shapes != self.lora_model.shapes(self.config.lora.rank):
             raise ValueError(f"{self.translator_path}: its LoRA shapes do not match this model's")
         documents = list({p.id: p for prepared in pending for p in prepared.translate}.values())
-        adapters = translator.adapters(self.llm, documents, self.config.train.max_length)
-        generated = {p.id: adapter for p, adapter in zip(documents, adapters, strict=True)}
+        generated = {p.id: adapter for p in documents if (adapter := self.generated.get(p)) is not None}
+        fresh = [p for p in documents if p.id not in generated]
+        if fresh:
+            for p, adapter in zip(
+                fresh, translator.adapters(self.llm, fresh, self.config.train.max_length), strict=True
+            ):
+                generated[p.id] = adapter
+                self.generated.put(p, adapter)
         for prepared in pending:
             prepared.adapter = self.merge([generated[p.id] for p in prepared.translate])
         seconds = time.perf_counter() - t

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +243,43 @@ def _per_sequence_mean(token_values: torch.Tensor, rows: torch.Tensor, counts: t
 
 
 # -- storage ----------------------------------------------------------------------------------------------
+
+
+class GeneratedCache:
+    """The generated LoRAs of recently translated documents, least recently used dropped beyond `max_bytes`.
+
+    Keyed by the document's id and text, so a document whose text changed is translated again. An evaluation
+    asks for each document in several modes (its own question's, and another's control): once is enough.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[str, str], tuple[Adapter, int]] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, passage: Passage) -> Adapter | None:
+        key = (passage.id, passage.contents)
+        if key not in self.entries:
+            return None
+        self.entries.move_to_end(key)
+        return self.entries[key][0]
+
+    def put(self, passage: Passage, adapter: Adapter) -> None:
+        key = (passage.id, passage.contents)
+        # a copy: the generated tensors are views into their whole batch's, which would stay alive otherwise
+        adapter = {name: tensor.clone() for name, tensor in adapter.items()}
+        size = sum(t.numel() * t.element_size() for t in adapter.values())
+        if key in self.entries or size > self.max_bytes:
+            return
+        self.entries[key] = (adapter, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self.entries.popitem(last=False)
+            self.bytes -= dropped
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
 
 
 def save(translator: Translator, path: Path, info: dict) -> None:
