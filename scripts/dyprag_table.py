@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from compare import by_mode, fmt, load_run, mean, paired
 
@@ -72,6 +73,30 @@ def offline(metrics: list[dict]) -> dict:
     return out
 
 
+def translation(runs: list[str]) -> dict:
+    """Seconds per document of the translator's passes at question time, from the `dyprag` rows of each eval
+    directory (a process of its own, where that mode comes first): each batch's load_merge is one pass over
+    the batch's documents not met before in that directory (those are cached since session 31; earlier runs
+    translated them again, so for those this overestimates the cost a little)."""
+    seconds, documents = 0.0, 0
+    for run in (Path(d) for group in runs for d in group.split(",")):
+        records, metrics = load_run(run)
+        rows = [r for r in records if r["mode"] == "dyprag"]
+        size, seen = metrics.get("batch_size") or 1, set()
+        for start in range(0, len(rows), size):
+            batch = rows[start : start + size]
+            met = {p for r in batch for p in r["lora_passages"]} - seen
+            if met:
+                seconds += batch[0]["timings_ms"]["load_merge"] / 1000
+                documents += len(met)
+                seen |= met
+    return (
+        {"translate_s": round(seconds, 2), "documents": documents, "s_per_doc": round(seconds / documents, 3)}
+        if documents
+        else {}
+    )
+
+
 def markdown(f1: dict, em: dict) -> str:
     present = [m for m in MODES if m in f1]
     lines = ["| mode | n | EM | F1 |", "|---|---|---|---|"]
@@ -113,7 +138,13 @@ def main() -> None:
     args = parser.parse_args()
     f1, em, metrics = load(args.runs)
     print(markdown(f1, em))
-    print(json.dumps(offline(metrics), indent=1)[:2000])
+    cost = offline(metrics)
+    if "translator" in cost:  # what trained it; not the ids
+        record = cost["translator"]
+        cost["translator"] = {
+            k: v for k, v in record.items() if k in ("documents", "steps", "seconds", "parameterize_s")
+        }
+    print(json.dumps({**cost, "translation_at_question_time": translation(args.runs)}, indent=1))
     if args.plot:
         dataset = metrics[0]["dataset"]
         plot(f1, args.plot, f"{dataset}, {metrics[0]['slice']['name']} slice, n={len(next(iter(f1.values())))}")
