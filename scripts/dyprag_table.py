@@ -75,11 +75,13 @@ def offline(metrics: list[dict]) -> dict:
 
 def translation(runs: list[str]) -> dict:
     """Seconds per document of the translator's passes at question time, from the `dyprag` rows of each eval
-    directory (a process of its own, where that mode comes first): each batch's load_merge is one pass over
-    the batch's documents not met before in that directory (those are cached since session 31; earlier runs
+    process's directory (a pooled run's chunks; the mode comes first in each): each batch's load_merge is one
+    pass over the batch's documents not met before in that directory (cached since session 31; earlier runs
     translated them again, so for those this overestimates the cost a little)."""
     seconds, documents = 0.0, 0
-    for run in (Path(d) for group in runs for d in group.split(",")):
+    dirs = [Path(d) for group in runs for d in group.split(",")]
+    dirs = [Path(c) for d in dirs for c in load_run(d)[1].get("pooled_from", [d])]  # `prag pool`: its chunks
+    for run in dirs:
         records, metrics = load_run(run)
         rows = [r for r in records if r["mode"] == "dyprag"]
         size, seen = metrics.get("batch_size") or 1, set()
