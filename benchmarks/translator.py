@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from offline import with_sets  # benchmarks/offline.py
 
 from prag import Config, Pipeline, machine
 from prag import translator as dyprag
@@ -49,10 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/translator/result.json")
     args = parser.parse_args()
 
-    config = apply_protocol(Config(), protocol_settings(dataset_name(args.questions)))
-    for assignment in args.set:
-        key, _, value = assignment.partition("=")
-        config.set(key, value)
+    config = with_sets(apply_protocol(Config(), protocol_settings(dataset_name(args.questions))), args.set)
     home = Path(args.home)
     store = Path(tempfile.mkdtemp(prefix="prag-translator-benchmark-"))
     pipeline = Pipeline(home, config, store=store)  # an empty store: every document is built afresh
@@ -96,7 +94,7 @@ def main() -> None:
         "translate_s_per_doc_before_after": {f"batch {b}": [round(before[b], 4), round(after[b], 4)] for b in batches},
         "speedup": {f"batch {b}": round(parameterize_s / s, 1) for b, s in translate.items()},
         "stored_adapter_bytes_per_doc": adapter_bytes,
-        "generated_adapter_bytes_in_memory": sum(t.numel() * t.element_size() for t in generated.values()),
+        "generated_adapter_bytes_in_memory": dyprag.nbytes(generated),
         "translator_file_bytes": translator_bytes,
         "torch_threads": torch.get_num_threads(),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],

@@ -80,7 +80,8 @@ def translation(runs: list[str]) -> dict:
     translated them again, so for those this overestimates the cost a little)."""
     seconds, documents = 0.0, 0
     dirs = [Path(d) for group in runs for d in group.split(",")]
-    dirs = [Path(c) for d in dirs for c in load_run(d)[1].get("pooled_from", [d])]  # `prag pool`: its chunks
+    pooled_from = [json.loads((d / "metrics.json").read_text()).get("pooled_from", [d]) for d in dirs]
+    dirs = [Path(c) for chunks in pooled_from for c in chunks]  # `prag pool`: its chunks
     for run in dirs:
         records, metrics = load_run(run)
         rows = [r for r in records if r["mode"] == "dyprag"]

@@ -245,6 +245,11 @@ def _per_sequence_mean(token_values: torch.Tensor, rows: torch.Tensor, counts: t
 # -- storage ----------------------------------------------------------------------------------------------
 
 
+def nbytes(adapter: Adapter) -> int:
+    """The bytes an adapter's tensors hold (their own elements, not the storage a view may share)."""
+    return sum(t.numel() * t.element_size() for t in adapter.values())
+
+
 class GeneratedCache:
     """The generated LoRAs of recently translated documents, least recently used dropped beyond `max_bytes`.
 
@@ -265,13 +270,11 @@ class GeneratedCache:
         return self.entries[key][0]
 
     def put(self, passage: Passage, adapter: Adapter) -> None:
-        key = (passage.id, passage.contents)
-        # a copy: the generated tensors are views into their whole batch's, which would stay alive otherwise
-        adapter = {name: tensor.clone() for name, tensor in adapter.items()}
-        size = sum(t.numel() * t.element_size() for t in adapter.values())
+        key, size = (passage.id, passage.contents), nbytes(adapter)
         if key in self.entries or size > self.max_bytes:
             return
-        self.entries[key] = (adapter, size)
+        # a copy: the generated tensors are views into their whole batch's, which would stay alive otherwise
+        self.entries[key] = ({name: tensor.clone() for name, tensor in adapter.items()}, size)
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, (_, dropped) = self.entries.popitem(last=False)
