@@ -154,6 +154,8 @@ def setup(tokenizer, tmp_path_factory):
     tokenizer.save_pretrained(root / "model")
     config = Config()
     config.model.name = str(root / "model")
+    # one dtype in every process: "auto" times bf16 against fp32 per process, and a worker could choose otherwise
+    config.model.dtype = "float32"
     # answer-first QA: the answers come from the passage, and a random model's question text is accepted often
     # enough that documents get real, sampled training sequences
     config.augment.qa_style = "answer_first"

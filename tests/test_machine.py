@@ -12,6 +12,7 @@ import torch
 from prag import machine
 from prag.config import Config, ModelConfig
 from prag.llm import LLM
+from prag.lora import LoRAModel
 
 
 def test_forced_threads_win_over_the_adaptive_choice(monkeypatch):
@@ -100,6 +101,19 @@ def test_phases_run_in_their_own_dtype_and_restore_the_exact_weights(tiny_llm):
     assert tiny_llm.model.dtype == torch.float32
     for n, p in tiny_llm.model.named_parameters():
         assert torch.equal(p, before[n])  # fp32 weights as loaded, not a round trip through bf16
+
+
+def test_phases_switch_dtypes_after_lora_layers_are_put_into_the_model(tiny_llm):
+    """Parameterizing in batches generates (its weights copied per dtype), puts LoRA layers into the model
+    (renaming its projections' weights) and generates again: the copies must still fit."""
+    tiny_llm.set_phase_dtypes({"generate": torch.bfloat16, "train": torch.float32})
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    greedy = tiny_llm.generate(prompts, 5)
+    lora = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    assert any(".base." in n for n, _ in tiny_llm.model.named_parameters())
+    assert tiny_llm.generate(prompts, 5) == greedy  # no LoRA injected: the same model, switched to bf16 and back
+    assert tiny_llm.model.dtype == torch.float32
+    lora.clear()
 
 
 def test_forced_dtype_loads_that_dtype_for_every_phase():

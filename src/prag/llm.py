@@ -157,7 +157,10 @@ class LLM:
     # dtype per phase ("generate", "train") where it is not the model's own; see `phase`
     phase_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
     threads: int = 0  # intra-op threads per phase; 0: chosen when the phase starts (machine.choose_threads)
-    _weights: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # the weights per dtype, in the order of `_params`: the parameters as first switched, held as objects
+    # because putting LoRA layers into the model renames them (`...gate_proj.base.weight`) but keeps them
+    _params: list[torch.nn.Parameter] = field(default_factory=list, repr=False)
+    _weights: dict[torch.dtype, list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, config: ModelConfig) -> LLM:
@@ -200,14 +203,14 @@ class LLM:
                     self._weights_as(previous)
 
     def _weights_as(self, dtype: torch.dtype) -> None:
-        params = dict(self.model.named_parameters())
         if not self._weights:  # the weights as loaded: every other dtype is converted from them
-            self._weights[self.model.dtype] = {n: p.data for n, p in params.items()}
+            self._params = list(self.model.parameters())
+            self._weights[self.model.dtype] = [p.data for p in self._params]
         if dtype not in self._weights:
             loaded = next(iter(self._weights.values()))
-            self._weights[dtype] = {n: t.to(dtype) for n, t in loaded.items()}
-        for n, p in params.items():
-            p.data = self._weights[dtype][n]
+            self._weights[dtype] = [t.to(dtype) for t in loaded]
+        for p, t in zip(self._params, self._weights[dtype], strict=True):
+            p.data = t
 
     @property
     def device(self) -> torch.device:
