@@ -99,6 +99,36 @@ def test_a_tiny_translator_overfits_two_documents(tiny_llm):
         assert distance(generated, target) < 0.5 * distance(generated, wrong)
 
 
+def test_a_frozen_prefix_is_read_without_the_generated_lora(tiny_llm):
+    """Under `train.prefix = "frozen"` (how the trained LoRAs were trained) a step reads the sequences' fixed
+    start without any document's LoRA and runs the rest on top of it: with a zero LoRA that is exactly the
+    whole-sequence loss, with a real one it is not."""
+    lora_model = lora.LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    start = tiny_llm.tokenizer.encode(
+        "Answer each question below with a short phrase taken from the passages, as in these worked examples."
+    )[:20]
+    ids = tiny_llm.tokenizer.encode(PASSAGES[0].contents, add_special_tokens=False)[:16]
+    sequences = [
+        Sequence(start + ids[i:], [IGNORE] * (len(start) + 4) + ids[i + 4 :], fixed=len(start)) for i in (0, 2)
+    ]
+    example = dyprag.Example(PASSAGES[0], sequences)
+    cfg = TranslatorConfig(kl_weight=0.0, mse_weight=0.0)
+    frozen = dyprag._frozen_prefix(tiny_llm, lora_model, sequences, None, 1.0)
+    assert frozen is not None and frozen.length == len(start)
+
+    def lm(translator, prefix):
+        [adapter] = translator.adapters(tiny_llm, [PASSAGES[0]])  # the target: only the LM term is weighed
+        args = (tiny_llm, lora_model, translator, example, lambda _: adapter, cfg)
+        return dyprag._step_losses(*args, 1.0, lambda a: a, 2048, prefix)["lm"].item()
+
+    shapes, dim = lora_model.shapes(2), tiny_llm.model.config.hidden_size
+    zero = dyprag.Translator(shapes, dim, hidden=8, init_std=0.0)
+    assert lm(zero, frozen) == pytest.approx(lm(zero, None), rel=1e-5)
+    real = dyprag.Translator(shapes, dim, hidden=8, init_std=0.1)  # a LoRA that changes, not swamps, the model
+    assert abs(lm(real, None) - lm(zero, None)) > 1e-3  # the LoRA acts...
+    assert abs(lm(real, frozen) - lm(real, None)) > 1e-4  # ...and not on the frozen prefix (float error: ~1e-6)
+
+
 def test_save_and_load_give_identical_outputs(tiny_qwen2, tmp_path):
     lora_model = lora.LoRAModel(tiny_qwen2.model, ("gate_proj", "up_proj", "down_proj"))
     translator = dyprag.Translator(lora_model.shapes(4), tiny_qwen2.model.config.hidden_size, hidden=8, init_std=0.1)

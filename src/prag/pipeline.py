@@ -366,6 +366,7 @@ class Pipeline:
             checkpoint,
             cfg.train.max_length,
             show_progress,
+            cfg.train.prefix,
         )
         record.update(
             config=cfg.to_dict()["translator"],

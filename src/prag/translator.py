@@ -21,7 +21,10 @@ Training pairs are (document, its trained LoRA from the adapter store); a step t
 
 with the paper's weights 1, 0.01 and 100, AdamW at lr 1e-5, one epoch, documents in a seeded random order.
 The LM and KL terms are each sequence's mean over its labelled tokens, averaged over the sequences (the
-reference sums its KL over every position of a sequence padded to 3,000 tokens). A checkpoint every
+reference sums its KL over every position of a sequence padded to 3,000 tokens). With `train.prefix = "frozen"`
+(the default) the sequences' fixed start is read once per document without any document's LoRA, as the trained
+LoRAs were trained on it, and both LoRAs run from there on; this also spares the gradients through the prompt
+format (most of a chain-of-thought sequence is its few-shot prompt). A checkpoint every
 `translator.checkpoint_every` documents lets an interrupted run resume where it stopped.
 """
 
@@ -48,7 +51,7 @@ from .config import TranslatorConfig
 from .corpus import Passage
 from .llm import LLM
 from .lora import Adapter, LoRAModel
-from .parameterize import Sequence, label_logits
+from .parameterize import FrozenPrefix, Sequence, label_logits
 
 LOSSES = ("lm", "kl", "mse")
 
@@ -150,12 +153,14 @@ def train(
     checkpoint: Path | None = None,
     max_length: int = 2048,
     show_progress: bool = True,
+    prefix: str = "lora",
 ) -> dict:
     """Train `translator` on (document, trained LoRA) pairs; `target(doc_id)` is the trained LoRA.
 
     `base`, the format adapter (`lora.base`) beside which documents' LoRAs were trained, is injected beside
     the generated and the trained LoRA alike. With `checkpoint`, the state is saved there every
-    `cfg.checkpoint_every` documents and a run of the same documents resumes from it. Returns what training
+    `cfg.checkpoint_every` documents and a run of the same documents resumes from it. `prefix` is the trained
+    LoRAs' `train.prefix`: "frozen" reads the sequences' fixed start without them. Returns what training
     did: documents, steps, seconds, and the per-step losses.
     """
     documents = [e.passage.id for e in examples]
@@ -179,12 +184,15 @@ def train(
         random.Random(f"{cfg.seed}-{epoch}").shuffle(shuffled)
         order += shuffled
     with_base = (lambda a: lora.merge([base, a])) if base is not None else (lambda a: a)
+    if prefix not in ("lora", "frozen"):
+        raise ValueError(f"translator: prefix {prefix!r} is neither 'lora' nor 'frozen'")
     bar = tqdm(total=len(order), initial=state["step"], desc="translator", unit="doc", disable=not show_progress)
     translator.train()
     for step in range(state["step"], len(order)):
         t = time.perf_counter()
         example = order[step]
-        losses = _step_losses(llm, lora_model, translator, example, target, cfg, scale, with_base, max_length)
+        frozen = _frozen_prefix(llm, lora_model, example.sequences, base, scale) if prefix == "frozen" else None
+        losses = _step_losses(llm, lora_model, translator, example, target, cfg, scale, with_base, max_length, frozen)
         loss = cfg.lm_weight * losses["lm"] + cfg.kl_weight * losses["kl"] + cfg.mse_weight * losses["mse"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,8 +216,19 @@ def train(
     }
 
 
-def _step_losses(llm, lora_model, translator, example, target, cfg, scale, with_base, max_length) -> dict:
-    """The three loss terms for one document (each a scalar tensor; zero where its weight is zero)."""
+def _frozen_prefix(llm, lora_model, sequences, base, scale) -> FrozenPrefix | None:
+    """The sequences' fixed start as standard training reads it: beside the format adapter only."""
+    try:
+        if base is not None:
+            lora_model.inject(base, scale)
+        return FrozenPrefix.compute(llm, sequences)
+    finally:
+        lora_model.clear()
+
+
+def _step_losses(llm, lora_model, translator, example, target, cfg, scale, with_base, max_length, frozen) -> dict:
+    """The three loss terms for one document (each a scalar tensor; zero where its weight is zero); with
+    `frozen`, its sequences run from the end of that prefix."""
     e = embed(llm, [example.passage.contents], max_length).to(translator.device)
     generated = {key: value[:, 0] for key, value in translator(e).items()}
     trained = {key: value.to(translator.device, torch.float32) for key, value in target(example.passage.id).items()}
@@ -223,9 +242,9 @@ def _step_losses(llm, lora_model, translator, example, target, cfg, scale, with_
             if cfg.kl_weight:
                 with torch.no_grad():
                     lora_model.inject(with_base(trained), scale)
-                    teacher = F.log_softmax(label_logits(llm, example.sequences)[0], dim=-1)
+                    teacher = F.log_softmax(label_logits(llm, example.sequences, frozen)[0], dim=-1)
             lora_model.inject(with_base(generated), scale)
-            logits, targets, rows, counts = label_logits(llm, example.sequences)
+            logits, targets, rows, counts = label_logits(llm, example.sequences, frozen)
             log_probs = F.log_softmax(logits, dim=-1)
             per_sequence = _per_sequence_mean(F.nll_loss(log_probs, targets, reduction="none"), rows, counts)
             lm = per_sequence.mean().to(zero.device)
