@@ -6,8 +6,11 @@ The documents are the top-3 BM25 passages of tune-slice questions (offset 100 on
 that dataset's protocol (as `prag eval` would build them). The translator is a freshly initialised one of the
 paper's size for this model (its cost does not depend on its weights; `--translator PATH` times a trained
 one). The translation is timed before and after the parameterization, and the two means averaged, so that a
-change in the machine's load hits both sides. Writes nothing into an existing store: the LoRAs are built in a
-temporary directory, the index is reused from `--home` (built there if missing).
+change in the machine's load hits both sides. Then the translator's training step on those documents (against
+their fresh LoRAs), reading the sequences' fixed start with the LoRAs (`prefix lora`, the reference) and frozen
+(`prefix frozen`, the default under `train.prefix = "frozen"`), in the order lora, frozen, frozen, lora.
+Writes nothing into an existing store: the LoRAs are built in a temporary directory, the index is reused
+from `--home` (built there if missing).
 
     python benchmarks/translator.py --questions ../shared/data/qa/hotpotqa/dev.jsonl --docs 16 \
         --out runs/translator/hotpotqa.json
@@ -36,6 +39,30 @@ def translate_seconds(pipeline: Pipeline, translator: dyprag.Translator, passage
     for start in range(0, len(passages), batch):
         translator.adapters(pipeline.llm, passages[start : start + batch], pipeline.config.train.max_length)
     return (time.perf_counter() - t) / len(passages)
+
+
+def train_seconds(pipeline: Pipeline, passages: list, prefix: str) -> float:
+    """Seconds per document of the translator's training (one epoch, a fresh translator), as
+    `prag translator train` runs it, reading the prompt's fixed start as `prefix` says."""
+    config = pipeline.config
+    examples = [dyprag.Example(p, [s for s in pipeline.training_sequences(p) if s.teacher is None]) for p in passages]
+    tc = config.translator
+    shapes = pipeline.lora_model.shapes(config.lora.rank)
+    translator = dyprag.Translator(shapes, pipeline.llm.model.config.hidden_size, tc.hidden, tc.init_std, tc.seed)
+    record = dyprag.train(
+        pipeline.llm,
+        pipeline.lora_model,
+        translator.to(pipeline.llm.device),
+        examples,
+        pipeline.adapters.get,
+        tc,
+        config.lora.scale,
+        pipeline.base_adapter,
+        max_length=config.train.max_length,
+        show_progress=False,
+        prefix=prefix,
+    )
+    return record["seconds"] / len(passages)
 
 
 def main() -> None:
@@ -75,6 +102,11 @@ def main() -> None:
     parameterize_s = (time.perf_counter() - t) / len(passages)
     after = {b: translate_seconds(pipeline, translator, passages, b) for b in batches}
 
+    train = {prefix: [] for prefix in ("lora", "frozen")}
+    for prefix in ("lora", "frozen", "frozen", "lora"):
+        train[prefix].append(train_seconds(pipeline, passages, prefix))
+    train_s = {prefix: sum(s) / len(s) for prefix, s in train.items()}
+
     adapter_bytes = sum(Path(pipeline.adapters.path(p.id)).stat().st_size for p in passages) / len(passages)
     generated = translator.adapters(pipeline.llm, passages[:1], config.train.max_length)[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +125,9 @@ def main() -> None:
         "translate_s_per_doc": {f"batch {b}": round(s, 4) for b, s in translate.items()},
         "translate_s_per_doc_before_after": {f"batch {b}": [round(before[b], 4), round(after[b], 4)] for b in batches},
         "speedup": {f"batch {b}": round(parameterize_s / s, 1) for b, s in translate.items()},
+        "translator_train_s_per_doc": {f"prefix {p}": round(s, 3) for p, s in train_s.items()},
+        "translator_train_s_per_doc_runs": {f"prefix {p}": [round(x, 3) for x in s] for p, s in train.items()},
+        "translator_train_speedup_frozen": round(train_s["lora"] / train_s["frozen"], 2),
         "stored_adapter_bytes_per_doc": adapter_bytes,
         "generated_adapter_bytes_in_memory": dyprag.nbytes(generated),
         "translator_file_bytes": translator_bytes,
