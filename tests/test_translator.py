@@ -328,3 +328,26 @@ def test_a_document_is_translated_once_while_cached(tiny_llm, tmp_path):
     fresh = pipeline.prepare(question, "dyprag")
     pipeline.translate([fresh])
     assert any(not torch.allclose(fresh.adapter[key], value) for key, value in first.adapter.items())
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum"])
+def test_a_questions_generated_loras_are_averaged_as_dyprag_does_or_summed(tiny_llm, tmp_path, merge):
+    """translator.merge=mean (the default, DyPRAG's inference): A and B each averaged over the top-k
+    documents, one LoRA of the documents' rank; sum: the deltas summed, as trained LoRAs are merged."""
+    pipeline = _pipeline(tmp_path / "home", tiny_llm)
+    pipeline.config.translator.merge = merge
+    pipeline.index(DEMO / "corpus.jsonl", show_progress=False)
+    pipeline.train_translator(pipeline.retrieve("What is George Rankin's occupation?"), ["q0"], show_progress=False)
+    prepared = pipeline.prepare("Who directed the film Citizen Kane?", "dyprag")
+    pipeline.translate([prepared])
+    generated = [pipeline.generated.get(p) for p in prepared.translate]
+    assert len(generated) == pipeline.config.answer.top_k > 1
+    x = torch.randn(5, tiny_llm.model.config.hidden_size)
+    delta = prepared.adapter["up_proj.B"][0] @ prepared.adapter["up_proj.A"][0] @ x.T
+    if merge == "mean":
+        assert prepared.adapter["up_proj.A"].shape == generated[0]["up_proj.A"].shape
+        mean_b = sum(g["up_proj.B"][0] for g in generated) / len(generated)
+        mean_a = sum(g["up_proj.A"][0] for g in generated) / len(generated)
+        torch.testing.assert_close(delta, mean_b @ mean_a @ x.T)
+    else:
+        torch.testing.assert_close(delta, sum(g["up_proj.B"][0] @ g["up_proj.A"][0] @ x.T for g in generated))

@@ -32,6 +32,7 @@ NOT_KEYED = {
     "answer.prefix",
     "translator.checkpoint_every",
     "translator.cache_mb",
+    "translator.merge",
 }
 # Fields added after stores existed, with the value that built everything stored before they existed: keyed
 # only when they differ from it, so that those stores are still found. The value is fixed here, not read
@@ -58,6 +59,7 @@ CHOICES = {
     "answer.instruction": ("short", "examples", "reference"),
     "answer.merge": ("sum", "mean", "matched"),
     "answer.prefix": ("lora", "frozen"),
+    "translator.merge": ("mean", "sum"),
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # Counts with a least sensible value: below it a run would do nothing, or fail deep inside.
@@ -214,6 +216,11 @@ class TranslatorConfig:
     # at question time: the generated LoRAs of recently retrieved documents are kept up to this many MB (0: none),
     # so a document retrieved again (another question, another mode) is not translated again
     cache_mb: int = 256
+    # at question time, the top-k documents' generated LoRAs: "mean", DyPRAG's inference (A and B each averaged
+    # over the documents: one LoRA of the documents' rank), or "sum", as `answer.merge=sum` merges trained ones
+    # (the deltas summed). A translator makes nearly the same LoRA for every document, so a sum of k is k times
+    # that shared LoRA: on 2WikiMultihopQA's tune questions it drove the model into a loop
+    merge: str = "mean"
 
 
 @dataclass

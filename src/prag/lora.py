@@ -179,6 +179,12 @@ def merge(adapters: list[Adapter], weights: list[float] | None = None) -> Adapte
     return merged
 
 
+def average(adapters: list[Adapter]) -> Adapter:
+    """Each factor averaged over the adapters (A and B apart, as DyPRAG's inference averages its generated
+    parameters): one adapter of their rank, whose delta mean(B) mean(A) is not the mean of their deltas."""
+    return {key: torch.stack([a[key].float() for a in adapters]).mean(0) for key in adapters[0]}
+
+
 def stack(adapters: list[Adapter]) -> Adapter:
     """One adapter per example, for batched generation: (L, batch, r, in) / (L, batch, out, r)."""
     return {key: torch.stack([a[key] for a in adapters], dim=1) for key in adapters[0]}

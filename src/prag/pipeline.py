@@ -548,7 +548,10 @@ class Pipeline:
                 generated[p.id] = adapter
                 self.generated.put(p, adapter)
         for prepared in pending:
-            prepared.adapter = self.merge([generated[p.id] for p in prepared.translate])
+            adapters = [generated[p.id] for p in prepared.translate]
+            if self.config.translator.merge == "mean":  # DyPRAG's: the factors averaged, then as one document's
+                adapters = [lora.average(adapters)]
+            prepared.adapter = self.merge(adapters)
         seconds = time.perf_counter() - t
         for prepared in pending:  # one pass for the batch: each row's load+merge is the pass's time
             prepared.timings["translate"] = prepared.timings["load_merge"] = seconds
