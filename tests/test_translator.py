@@ -222,7 +222,7 @@ def test_a_dyprag_answer_never_augments_or_trains(tiny_llm, tmp_path):
     assert batch[0].adapter is None
     for key, value in alone.adapter.items():
         torch.testing.assert_close(batch[1].adapter[key], value, rtol=1e-4, atol=1e-5)
-        assert value.shape[1 if key.endswith(".A") else 2] == 2 * 2  # two documents of rank 2, merged
+        assert value.shape[1 if key.endswith(".A") else 2] == 2  # two documents of rank 2, averaged (rank 2)
 
 
 def test_cli_trains_a_translator_then_answers_and_evaluates_in_dyprag_modes(tiny_llm, tmp_path, monkeypatch, capsys):
