@@ -45,17 +45,13 @@ def train_seconds(pipeline: Pipeline, passages: list, prefix: str) -> float:
     """Seconds per document of the translator's training (one epoch, a fresh translator), as
     `prag translator train` runs it, reading the prompt's fixed start as `prefix` says."""
     config = pipeline.config
-    examples = [dyprag.Example(p, [s for s in pipeline.training_sequences(p) if s.teacher is None]) for p in passages]
-    tc = config.translator
-    shapes = pipeline.lora_model.shapes(config.lora.rank)
-    translator = dyprag.Translator(shapes, pipeline.llm.model.config.hidden_size, tc.hidden, tc.init_std, tc.seed)
     record = dyprag.train(
         pipeline.llm,
         pipeline.lora_model,
-        translator.to(pipeline.llm.device),
-        examples,
+        pipeline.new_translator(),
+        pipeline.translator_examples(passages),
         pipeline.adapters.get,
-        tc,
+        config.translator,
         config.lora.scale,
         pipeline.base_adapter,
         max_length=config.train.max_length,
@@ -88,9 +84,7 @@ def main() -> None:
     if args.translator:
         translator, _ = dyprag.load(Path(args.translator), pipeline.llm.device)
     else:
-        shapes = pipeline.lora_model.shapes(config.lora.rank)
-        tc = config.translator
-        translator = dyprag.Translator(shapes, pipeline.llm.model.config.hidden_size, tc.hidden, tc.init_std, tc.seed)
+        translator = pipeline.new_translator()
     translator = translator.to(pipeline.llm.device)
     batches = (1, 8, 24)  # 24: a batch of 8 questions' top-3, as in `prag eval --batch-size 8`
     for b in batches:  # warm-up: first-call allocations

@@ -347,20 +347,15 @@ class Pipeline:
         built = self.parameterize(passages, show_progress)
         parameterize_s = time.perf_counter() - t
         cfg = self.config
-        # the document's own sequences only: locality probes hold nothing of it for the translator to learn
-        examples = [dyprag.Example(p, [s for s in self.training_sequences(p) if s.teacher is None]) for p in passages]
-        shapes = self.lora_model.shapes(cfg.lora.rank)
-        dim = self.llm.model.config.hidden_size
-        tc = cfg.translator
-        translator = dyprag.Translator(shapes, dim, tc.hidden, tc.init_std, tc.seed).to(self.llm.device)
+        translator = self.new_translator()
         self.translator_dir.mkdir(parents=True, exist_ok=True)
         record = dyprag.train(
             self.llm,
             self.lora_model,
             translator,
-            examples,
+            self.translator_examples(passages),
             self.adapters.get,
-            tc,
+            cfg.translator,
             cfg.lora.scale,
             self.base_adapter,
             checkpoint,
@@ -527,6 +522,18 @@ class Pipeline:
                 )
             weights.append(question_match(question, [qa["question"] for qa in self.augmentations.get(p.id).qa]))
         return weights
+
+    def new_translator(self) -> dyprag.Translator:
+        """A freshly initialised translator for this model's LoRA shapes, as `translator` configures it."""
+        tc = self.config.translator
+        shapes = self.lora_model.shapes(self.config.lora.rank)
+        dim = self.llm.model.config.hidden_size
+        return dyprag.Translator(shapes, dim, tc.hidden, tc.init_std, tc.seed).to(self.llm.device)
+
+    def translator_examples(self, passages: list[Passage]) -> list[dyprag.Example]:
+        """The documents as the translator trains on them: each with its own training sequences only (locality
+        probes hold nothing of it for the translator to learn)."""
+        return [dyprag.Example(p, [s for s in self.training_sequences(p) if s.teacher is None]) for p in passages]
 
     def translate(self, batch: list[Prepared]) -> None:
         """Generate the LoRAs of the rows' `translate` documents (all those not cached, in one forward pass) and
