@@ -129,6 +129,33 @@ def test_a_frozen_prefix_is_read_without_the_generated_lora(tiny_llm):
     assert abs(lm(real, frozen) - lm(real, None)) > 1e-4  # ...and not on the frozen prefix (float error: ~1e-6)
 
 
+def test_a_fixed_start_shared_by_documents_is_read_once(tiny_llm):
+    """Translator training reads a protocol's fixed start once for all its documents, not once a step; a
+    document with another start gets its own, and each is what reading it afresh gives."""
+    lora_model = lora.LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj"))
+    start = tiny_llm.tokenizer.encode(
+        "Answer each question below with a short phrase taken from the passages, as in these worked examples."
+    )
+    other = tiny_llm.tokenizer.encode(
+        "Write the passage below again in other words, keeping every name, date, place and fact that it states."
+    )
+
+    def sequences(head, passage):
+        ids = tiny_llm.tokenizer.encode(passage.contents, add_special_tokens=False)[:12]
+        return [Sequence(head + ids, [IGNORE] * (len(head) + 2) + ids[2:], fixed=len(head))]
+
+    read: dict = {}
+    first = dyprag._frozen_prefix(tiny_llm, lora_model, sequences(start, PASSAGES[0]), None, 1.0, read)
+    again = dyprag._frozen_prefix(tiny_llm, lora_model, sequences(start, PASSAGES[1]), None, 1.0, read)
+    third = dyprag._frozen_prefix(tiny_llm, lora_model, sequences(other, PASSAGES[1]), None, 1.0, read)
+    assert again is first and third is not first and len(read) == 2
+    for frozen, head in ((first, start), (third, other)):
+        fresh = dyprag._frozen_prefix(tiny_llm, lora_model, sequences(head, PASSAGES[2]), None, 1.0)
+        assert frozen.length == fresh.length == len(head)
+        for a, b in zip(frozen.cache.layers, fresh.cache.layers, strict=True):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 def test_save_and_load_give_identical_outputs(tiny_qwen2, tmp_path):
     lora_model = lora.LoRAModel(tiny_qwen2.model, ("gate_proj", "up_proj", "down_proj"))
     translator = dyprag.Translator(lora_model.shapes(4), tiny_qwen2.model.config.hidden_size, hidden=8, init_std=0.1)

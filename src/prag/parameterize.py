@@ -212,22 +212,30 @@ class FrozenPrefix:
     cache: DynamicCache  # batch size 1
 
     @classmethod
-    @torch.no_grad()
     def compute(cls, llm: LLM, sequences: list[Sequence]) -> FrozenPrefix | None:
         """None when that start is shorter than MIN_SHARED_PREFIX tokens. The prefix is at most each sequence's
         `fixed` start (so it does not depend on which documents share the group) and ends before the token
         that predicts the first label, so every label is predicted from a position the LoRA runs on."""
+        ids = cls.tokens(sequences)
+        return None if ids is None else cls.read(llm, ids)
+
+    @staticmethod
+    def tokens(sequences: list[Sequence]) -> list[int] | None:
+        """The prefix's token ids (see `compute`), or None."""
         if not sequences:
             return None
         common = shared_prefix([s.input_ids for s in sequences])
         first_label = min(1 + next(i for i, x in enumerate(s.labels[1:]) if x != IGNORE) for s in sequences)
         length = min(len(common), first_label - 1, min(s.fixed for s in sequences))
-        if length < MIN_SHARED_PREFIX:
-            return None
+        return common[:length] if length >= MIN_SHARED_PREFIX else None
+
+    @classmethod
+    @torch.no_grad()
+    def read(cls, llm: LLM, ids: list[int]) -> FrozenPrefix:
+        """The model's keys and values for `ids`, with whatever LoRAs are injected now."""
         cache = DynamicCache(config=llm.model.config)
-        ids = torch.tensor([common[:length]], device=llm.device)
-        llm.model.model(input_ids=ids, cache=cache, use_cache=True)
-        return cls(length, cache)
+        llm.model.model(input_ids=torch.tensor([ids], device=llm.device), cache=cache, use_cache=True)
+        return cls(len(ids), cache)
 
     def expand(self, batch: int) -> DynamicCache:
         """A cache holding the prefix for `batch` rows (views, not copies: a step appends to new tensors)."""

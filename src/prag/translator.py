@@ -188,10 +188,13 @@ def train(
         raise ValueError(f"translator: prefix {prefix!r} is neither 'lora' nor 'frozen'")
     bar = tqdm(total=len(order), initial=state["step"], desc="translator", unit="doc", disable=not show_progress)
     translator.train()
+    prefixes: dict[tuple[int, ...], FrozenPrefix] = {}  # one protocol: the same fixed start for every document
     for step in range(state["step"], len(order)):
         t = time.perf_counter()
         example = order[step]
-        frozen = _frozen_prefix(llm, lora_model, example.sequences, base, scale) if prefix == "frozen" else None
+        frozen = None
+        if prefix == "frozen":
+            frozen = _frozen_prefix(llm, lora_model, example.sequences, base, scale, prefixes)
         losses = _step_losses(llm, lora_model, translator, example, target, cfg, scale, with_base, max_length, frozen)
         loss = cfg.lm_weight * losses["lm"] + cfg.kl_weight * losses["kl"] + cfg.mse_weight * losses["mse"]
         optimizer.zero_grad(set_to_none=True)
@@ -216,14 +219,25 @@ def train(
     }
 
 
-def _frozen_prefix(llm, lora_model, sequences, base, scale) -> FrozenPrefix | None:
-    """The sequences' fixed start as standard training reads it: beside the format adapter only."""
+def _frozen_prefix(llm, lora_model, sequences, base, scale, read: dict | None = None) -> FrozenPrefix | None:
+    """The sequences' fixed start as standard training reads it: beside the format adapter only. `read` keeps
+    the prefixes already read, by their tokens (a few at most: every document of a protocol shares its start)."""
+    ids = FrozenPrefix.tokens(sequences)
+    if ids is None:
+        return None
+    if read is not None and tuple(ids) in read:
+        return read[tuple(ids)]
+    if read is not None and len(read) >= 8:
+        read.clear()
     try:
         if base is not None:
             lora_model.inject(base, scale)
-        return FrozenPrefix.compute(llm, sequences)
+        frozen = FrozenPrefix.read(llm, ids)
     finally:
         lora_model.clear()
+    if read is not None:
+        read[tuple(ids)] = frozen
+    return frozen
 
 
 def _step_losses(llm, lora_model, translator, example, target, cfg, scale, with_base, max_length, frozen) -> dict:
