@@ -85,7 +85,6 @@ def main() -> None:
         translator, _ = dyprag.load(Path(args.translator), pipeline.llm.device)
     else:
         translator = pipeline.new_translator()
-    translator = translator.to(pipeline.llm.device)
     batches = (1, 8, 24)  # 24: a batch of 8 questions' top-3, as in `prag eval --batch-size 8`
     for b in batches:  # warm-up: first-call allocations
         translate_seconds(pipeline, translator, passages[:8], b)

@@ -113,7 +113,7 @@ def test_a_frozen_prefix_is_read_without_the_generated_lora(tiny_llm):
     ]
     example = dyprag.Example(PASSAGES[0], sequences)
     cfg = TranslatorConfig(kl_weight=0.0, mse_weight=0.0)
-    frozen = dyprag._frozen_prefix(tiny_llm, lora_model, sequences, None, 1.0)
+    frozen = dyprag._frozen_prefix(tiny_llm, lora_model, sequences, None, 1.0, {})
     assert frozen is not None and frozen.length == len(start)
 
     def lm(translator, prefix):
@@ -150,7 +150,7 @@ def test_a_fixed_start_shared_by_documents_is_read_once(tiny_llm):
     third = dyprag._frozen_prefix(tiny_llm, lora_model, sequences(other, PASSAGES[1]), None, 1.0, read)
     assert again is first and third is not first and len(read) == 2
     for frozen, head in ((first, start), (third, other)):
-        fresh = dyprag._frozen_prefix(tiny_llm, lora_model, sequences(head, PASSAGES[2]), None, 1.0)
+        fresh = dyprag._frozen_prefix(tiny_llm, lora_model, sequences(head, PASSAGES[2]), None, 1.0, {})
         assert frozen.length == fresh.length == len(head)
         for a, b in zip(frozen.cache.layers, fresh.cache.layers, strict=True):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

@@ -219,25 +219,23 @@ def train(
     }
 
 
-def _frozen_prefix(llm, lora_model, sequences, base, scale, read: dict | None = None) -> FrozenPrefix | None:
+def _frozen_prefix(llm, lora_model, sequences, base, scale, read: dict) -> FrozenPrefix | None:
     """The sequences' fixed start as standard training reads it: beside the format adapter only. `read` keeps
     the prefixes already read, by their tokens (a few at most: every document of a protocol shares its start)."""
     ids = FrozenPrefix.tokens(sequences)
     if ids is None:
         return None
-    if read is not None and tuple(ids) in read:
-        return read[tuple(ids)]
-    if read is not None and len(read) >= 8:
-        read.clear()
-    try:
-        if base is not None:
-            lora_model.inject(base, scale)
-        frozen = FrozenPrefix.read(llm, ids)
-    finally:
-        lora_model.clear()
-    if read is not None:
-        read[tuple(ids)] = frozen
-    return frozen
+    key = tuple(ids)
+    if key not in read:
+        if len(read) >= 8:
+            read.clear()
+        try:
+            if base is not None:
+                lora_model.inject(base, scale)
+            read[key] = FrozenPrefix.read(llm, ids)
+        finally:
+            lora_model.clear()
+    return read[key]
 
 
 def _step_losses(llm, lora_model, translator, example, target, cfg, scale, with_base, max_length, frozen) -> dict:
