@@ -24,7 +24,8 @@ def _questions_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_no_evaluated_question_can_enter_a_warm_up(tiny_llm, tmp_path, monkeypatch):
+@pytest.mark.parametrize("use", ["init", "base"])  # a warm-up start, or the format adapter of every mode
+def test_no_evaluated_question_can_enter_a_warm_up(use, tiny_llm, tmp_path, monkeypatch):
     questions = _questions_file(tmp_path)
     home = tmp_path / "home"
     Pipeline(home, Config(), llm=tiny_llm).index(DEMO / "corpus.jsonl", show_progress=False)
@@ -34,11 +35,11 @@ def test_no_evaluated_question_can_enter_a_warm_up(tiny_llm, tmp_path, monkeypat
     assert main(["warmup", "--home", str(home), "--dataset", str(questions), "--out", str(warm), "--quiet"]) == 0
 
     config = Config()
-    config.lora.init = str(warm)
+    setattr(config.lora, use, str(warm))
     pipeline = Pipeline(home, config, llm=tiny_llm)
     assert pipeline.warmup_question_ids() == {f"q{i}" for i in range(REPORT_SIZE, REPORT_SIZE + 4)}
     tune = load_questions(questions, slice="tune", limit=2)
-    with pytest.raises(ValueError, match="trained the warm-up adapter"):
+    with pytest.raises(ValueError, match="trained the warm-up or format adapter"):
         run(pipeline, tune, ["closed"], top_k=1, show_progress=False)
     report = load_questions(questions, slice="report", limit=1)
     evaluation, _ = run(pipeline, report, ["closed"], top_k=1, show_progress=False)

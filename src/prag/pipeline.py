@@ -299,13 +299,15 @@ class Pipeline:
         return len(sequences)
 
     def warmup_question_ids(self) -> set[str]:
-        """The ids of the questions the warm-up adapter (`lora.init`) was trained on; empty without one."""
-        if not self.config.lora.init:
-            return set()
+        """The ids of the questions that trained the warm-up (`lora.init`) or format (`lora.base`) adapter, both
+        written by `prag warmup`; empty without either."""
         from safetensors import safe_open
 
-        with safe_open(self.config.lora.init, framework="pt") as f:
-            return set(json.loads((f.metadata() or {}).get("question_ids", "[]")))
+        ids: set[str] = set()
+        for path in {self.config.lora.init, self.config.lora.base} - {""}:
+            with safe_open(path, framework="pt") as f:
+                ids |= set(json.loads((f.metadata() or {}).get("question_ids", "[]")))
+        return ids
 
     # -- the translator (DyPRAG) ----------------------------------------------------------------------
     @property
