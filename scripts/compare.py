@@ -3,6 +3,8 @@
 Each recipe is one `prag eval` directory per dataset (a pattern with {dataset}). The second recipe
 (`--b`, the candidate) must hold every mode; the first (`--a`, e.g. the paper's recipe) may hold only
 the parametric modes, since `closed` and `rag` do not depend on how documents are parameterized.
+Where `--b` holds only `closed` and `rag` (a change to the model that every mode sees, such as a format
+adapter), the two are compared mode by mode.
 Where a run also answered with unrelated documents' LoRAs (`prag-unrelated`, `combine-unrelated`), a
 third table gives right minus unrelated: what the documents' own parameters carry.
 Differences are means over questions of per-question F1 differences; the 95% interval is a paired
@@ -180,20 +182,53 @@ def plot(table: dict[str, dict], labels: tuple[str, str], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_every_mode(a: str, b: str, datasets: list[str], labels: tuple[str, str], path: str) -> None:
+    """F1 of every mode both recipes answered, side by side per dataset (runs of the baselines alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3 * len(datasets), 3.5))
+    FigureCanvasAgg(fig)
+    for i, dataset in enumerate(datasets):
+        run_a, run_b = (per_question_f1(Path(p.format(dataset=dataset))) for p in (a, b))
+        modes = [m for m in run_b if m in run_a]
+        ax = fig.add_subplot(1, len(datasets), i + 1)
+        for j, (run, label) in enumerate(((run_a, labels[0]), (run_b, labels[1]))):
+            ax.bar([x + 0.4 * j for x in range(len(modes))], [mean(run[m]) for m in modes], 0.4, label=label)
+        ax.set_xticks([x + 0.2 for x in range(len(modes))], modes)
+        ax.set_title(f"{dataset} (n={len(run_b[modes[0]])})")
+        ax.set_ylabel("token F1")
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--a", required=True, help="baseline recipe's runs, e.g. 'runs/q100/paper/{dataset}'")
-    parser.add_argument("--b", required=True, help="candidate recipe's runs (all four modes)")
+    parser.add_argument(
+        "--b", required=True, help="candidate recipe's runs (all four modes, or `closed` and `rag` alone)"
+    )
     parser.add_argument("--labels", nargs=2, default=("a", "b"))
     parser.add_argument("--datasets", nargs="+", required=True)
     parser.add_argument("--plot", help="write F1 per mode and recipe here (PNG)")
     args = parser.parse_args()
+    labels = tuple(args.labels)
+    parametric = all(
+        {"prag", "combine"} <= per_question_f1(Path(args.b.format(dataset=d))).keys() for d in args.datasets
+    )
+    if not parametric:  # runs of `closed` and `rag` alone: every shared mode, side by side
+        print(every_mode(args.a, args.b, args.datasets, labels))
+        if args.plot:
+            plot_every_mode(args.a, args.b, args.datasets, labels, args.plot)
+        return
     table = compare(args.a, args.b, args.datasets)
-    print(markdown(table, tuple(args.labels)))
+    print(markdown(table, labels))
     if all("closed" in r["a"] for r in table.values()):  # both runs answered the baselines too
-        print("\n" + every_mode(args.a, args.b, args.datasets, tuple(args.labels)))
+        print("\n" + every_mode(args.a, args.b, args.datasets, labels))
     if args.plot:
-        plot(table, tuple(args.labels), args.plot)
+        plot(table, labels, args.plot)
 
 
 if __name__ == "__main__":
