@@ -121,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "warmup",
-        help="train the shared LoRA initialization on held-in QA (questions with their gold passages)",
+        help="train a warm-up or format adapter on held-in QA (questions with their gold passages)",
         description="Train one LoRA on held-in questions (FlashRAG JSONL with supporting_titles naming indexed "
-        "passages), to start every document's LoRA from with --set lora.init=OUT. Only the TUNE slice of each file "
-        "is read (questions 100 on): the report slice never trains a warm-up, and `prag eval` refuses to "
+        "passages): a warm-up to start every document's LoRA from (--set lora.init=OUT), or a format adapter "
+        "injected in every mode, `closed` and `rag` included (--set lora.base=OUT). Only the TUNE slice of each "
+        "file is read (questions 100 on): the report slice never trains a warm-up, and `prag eval` refuses to "
         "evaluate a question the warm-up was trained on.",
     )
     _common(p)
@@ -357,7 +358,8 @@ def cmd_warmup(pipeline: Pipeline, args) -> int:
     n = pipeline.warmup(questions, args.out, show_progress=not args.quiet)
     print(
         f"warm-up adapter from {len(questions)} questions ({n} sequences) written to {args.out} "
-        f"in {time.perf_counter() - t:.1f}s; use it with --set lora.init={args.out}"
+        f"in {time.perf_counter() - t:.1f}s; use it with --set lora.init={args.out} (a warm-up start) or "
+        f"--set lora.base={args.out} (a format adapter in every mode)"
     )
     return 0
 
