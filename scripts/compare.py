@@ -69,13 +69,19 @@ def fmt(d: tuple[float, float, float]) -> str:
     return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
 
 
-def compare(a: str, b: str, datasets: list[str]) -> dict[str, dict]:
+Runs = dict[str, tuple[dict, dict]]  # dataset -> (recipe a's, recipe b's) mode -> question id -> F1
+
+
+def load_runs(a: str, b: str, datasets: list[str]) -> Runs:
+    """Both recipes' per-question F1 for each dataset, read once for every table and plot."""
+    return {
+        d: (per_question_f1(Path(a.format(dataset=d))), per_question_f1(Path(b.format(dataset=d)))) for d in datasets
+    }
+
+
+def compare(runs: Runs) -> dict[str, dict]:
     out = {}
-    for dataset in datasets:
-        run_a, run_b = (
-            per_question_f1(Path(a.format(dataset=dataset))),
-            per_question_f1(Path(b.format(dataset=dataset))),
-        )
+    for dataset, (run_a, run_b) in runs.items():
         closed, rag = run_b["closed"], run_b["rag"]
         out[dataset] = {
             "n": len(closed),
@@ -104,13 +110,12 @@ def compare(a: str, b: str, datasets: list[str]) -> dict[str, dict]:
     return out
 
 
-def every_mode(a: str, b: str, datasets: list[str], labels: tuple[str, str]) -> str:
+def every_mode(runs: Runs, labels: tuple[str, str]) -> str:
     """Where both recipes answered the same modes (for example two answer styles, which change `closed` and `rag`
     too): F1 per mode under each, b - a with its interval, and the mean over the modes."""
     la, lb = labels
     lines = [f"| dataset | mode | {la} | {lb} | {lb} - {la} |", "|---|---|---|---|---|"]
-    for dataset in datasets:
-        run_a, run_b = (per_question_f1(Path(p.format(dataset=dataset))) for p in (a, b))
+    for dataset, (run_a, run_b) in runs.items():
         modes = [m for m in run_b if m in run_a]
         for m in modes:
             lines.append(
@@ -182,17 +187,16 @@ def plot(table: dict[str, dict], labels: tuple[str, str], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_every_mode(a: str, b: str, datasets: list[str], labels: tuple[str, str], path: str) -> None:
+def plot_every_mode(runs: Runs, labels: tuple[str, str], path: str) -> None:
     """F1 of every mode both recipes answered, side by side per dataset (runs of the baselines alone)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(3 * len(datasets), 3.5))
+    fig = Figure(figsize=(3 * len(runs), 3.5))
     FigureCanvasAgg(fig)
-    for i, dataset in enumerate(datasets):
-        run_a, run_b = (per_question_f1(Path(p.format(dataset=dataset))) for p in (a, b))
+    for i, (dataset, (run_a, run_b)) in enumerate(runs.items()):
         modes = [m for m in run_b if m in run_a]
-        ax = fig.add_subplot(1, len(datasets), i + 1)
+        ax = fig.add_subplot(1, len(runs), i + 1)
         for j, (run, label) in enumerate(((run_a, labels[0]), (run_b, labels[1]))):
             ax.bar([x + 0.4 * j for x in range(len(modes))], [mean(run[m]) for m in modes], 0.4, label=label)
         ax.set_xticks([x + 0.2 for x in range(len(modes))], modes)
@@ -215,18 +219,17 @@ def main() -> None:
     parser.add_argument("--plot", help="write F1 per mode and recipe here (PNG)")
     args = parser.parse_args()
     labels = tuple(args.labels)
-    parametric = all(
-        {"prag", "combine"} <= per_question_f1(Path(args.b.format(dataset=d))).keys() for d in args.datasets
-    )
-    if not parametric:  # runs of `closed` and `rag` alone: every shared mode, side by side
-        print(every_mode(args.a, args.b, args.datasets, labels))
+    runs = load_runs(args.a, args.b, args.datasets)
+    if not all({"prag", "combine"} <= run_b.keys() for _, run_b in runs.values()):
+        # runs of `closed` and `rag` alone: every shared mode, side by side
+        print(every_mode(runs, labels))
         if args.plot:
-            plot_every_mode(args.a, args.b, args.datasets, labels, args.plot)
+            plot_every_mode(runs, labels, args.plot)
         return
-    table = compare(args.a, args.b, args.datasets)
+    table = compare(runs)
     print(markdown(table, labels))
     if all("closed" in r["a"] for r in table.values()):  # both runs answered the baselines too
-        print("\n" + every_mode(args.a, args.b, args.datasets, labels))
+        print("\n" + every_mode(runs, labels))
     if args.plot:
         plot(table, labels, args.plot)
 
