@@ -556,9 +556,9 @@ def run(
 
     leaked = sorted({q.id for q in questions} & pipeline.warmup_question_ids())
     if leaked:
-        adapters = ", ".join(path for path in (pipeline.config.lora.init, pipeline.config.lora.base) if path)
         raise ValueError(
-            f"{len(leaked)} evaluated question(s) trained the warm-up or format adapter ({adapters}; e.g. "
+            f"{len(leaked)} evaluated question(s) trained the warm-up or format adapter "
+            f"({', '.join(pipeline.warmup_adapter_paths)}; e.g. "
             f"{leaked[:3]}): evaluate other questions, or warm up on the tune slice"
         )
     offline: dict = {"documents_parameterized": 0, "parameterize_s": 0.0}

@@ -298,13 +298,19 @@ class Pipeline:
         atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         return len(sequences)
 
+    @property
+    def warmup_adapter_paths(self) -> list[str]:
+        """The adapters `prag warmup` wrote that this configuration uses: the warm-up start (`lora.init`) and the
+        format adapter (`lora.base`), each once."""
+        return list(dict.fromkeys(path for path in (self.config.lora.init, self.config.lora.base) if path))
+
     def warmup_question_ids(self) -> set[str]:
-        """The ids of the questions that trained the warm-up (`lora.init`) or format (`lora.base`) adapter, both
-        written by `prag warmup`; empty without either."""
+        """The ids of the questions that trained the warm-up or format adapter (`warmup_adapter_paths`); empty
+        without either."""
         from safetensors import safe_open
 
         ids: set[str] = set()
-        for path in {self.config.lora.init, self.config.lora.base} - {""}:
+        for path in self.warmup_adapter_paths:
             with safe_open(path, framework="pt") as f:
                 ids |= set(json.loads((f.metadata() or {}).get("question_ids", "[]")))
         return ids
