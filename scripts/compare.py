@@ -1,8 +1,8 @@
 """Paired comparison of two recipes evaluated on the same questions: F1 per mode with bootstrap CIs.
 
-Each recipe is one `prag eval` directory per dataset (a pattern with {dataset}). The second recipe
-(`--b`, the candidate) must hold every mode; the first (`--a`, e.g. the paper's recipe) may hold only
-the parametric modes, since `closed` and `rag` do not depend on how documents are parameterized.
+Each recipe is one `prag eval` directory per dataset (a pattern with {dataset}). One of the two must hold
+`closed` and `rag` (taken from the candidate, `--b`, where it has them); the other may hold only the parametric
+modes, since `closed` and `rag` do not depend on how documents are parameterized.
 Where `--b` holds only `closed` and `rag` (a change to the model that every mode sees, such as a format
 adapter), the two are compared mode by mode.
 Where a run also answered with unrelated documents' LoRAs (`prag-unrelated`, `combine-unrelated`), a
@@ -82,16 +82,19 @@ def load_runs(a: str, b: str, datasets: list[str]) -> Runs:
 def compare(runs: Runs) -> dict[str, dict]:
     out = {}
     for dataset, (run_a, run_b) in runs.items():
-        closed, rag = run_b["closed"], run_b["rag"]
+        baselines = run_b if {"closed", "rag"} <= run_b.keys() else run_a
+        if not {"closed", "rag"} <= baselines.keys():
+            raise SystemExit(f"{dataset}: neither recipe's run answered both `closed` and `rag`")
+        closed, rag = baselines["closed"], baselines["rag"]
         out[dataset] = {
             "n": len(closed),
             "closed": mean(closed),
             "rag": mean(rag),
             "a": {m: mean(run_a[m]) for m in ("closed", "rag", "prag", "combine") if m in run_a},
-            "b": {m: mean(run_b[m]) for m in ("closed", "rag", "prag", "combine")},
+            "b": {m: mean(run_b[m]) for m in ("closed", "rag", "prag", "combine") if m in run_b},
             "b_minus_a": {m: paired(run_a[m], run_b[m]) for m in ("prag", "combine")},
             "b_vs_baselines": {
-                "prag - closed": paired(closed, run_b["prag"]),
+                "prag - closed": paired(closed, run_b["prag"]),  # the candidate against the baselines
                 "prag - rag": paired(rag, run_b["prag"]),
                 "combine - rag": paired(rag, run_b["combine"]),
             },
@@ -164,9 +167,10 @@ def plot(table: dict[str, dict], labels: tuple[str, str], path: str) -> None:
     for i, (dataset, r) in enumerate(table.items()):
         ax = fig.add_subplot(1, len(table), i + 1)
         names, values, colors, hatches = [], [], [], []
-        if "closed" not in r["a"]:  # the baselines do not depend on the recipes: drawn once
+        both = "closed" in r["a"] and "closed" in r["b"]
+        if not both:  # the baselines do not depend on the recipes: drawn once
             names, values, colors, hatches = ["closed", "rag"], [r["closed"], r["rag"]], ["0.6", "0.3"], ["", ""]
-        for mode in ("closed", "rag", "prag", "combine") if "closed" in r["a"] else ("prag", "combine"):
+        for mode in ("closed", "rag", "prag", "combine") if both else ("prag", "combine"):
             for side, color in (("a", "C0"), ("b", "C1")):
                 names.append(f"{mode}\n{labels[side == 'b']}")
                 values.append(r[side][mode])
@@ -212,7 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--a", required=True, help="baseline recipe's runs, e.g. 'runs/q100/paper/{dataset}'")
     parser.add_argument(
-        "--b", required=True, help="candidate recipe's runs (all four modes, or `closed` and `rag` alone)"
+        "--b", required=True, help="candidate recipe's runs (the parametric modes, with or without the baselines)"
     )
     parser.add_argument("--labels", nargs=2, default=("a", "b"))
     parser.add_argument("--datasets", nargs="+", required=True)
@@ -228,7 +232,7 @@ def main() -> None:
         return
     table = compare(runs)
     print(markdown(table, labels))
-    if all("closed" in r["a"] for r in table.values()):  # both runs answered the baselines too
+    if all("closed" in r["a"] and "closed" in r["b"] for r in table.values()):  # both answered the baselines too
         print("\n" + every_mode(runs, labels))
     if args.plot:
         plot(table, labels, args.plot)

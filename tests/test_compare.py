@@ -41,3 +41,21 @@ def test_every_mode_gives_right_minus_unrelated(tmp_path):
     out = compare(tmp_path)
     assert "| popqa | +0.000 [+0.000, +0.000] | +1.000 [+1.000, +1.000] |" in out  # prag right - unrelated
     assert "| popqa | prag | 0.000 | 1.000 | +1.000 [+1.000, +1.000] |" in out
+
+
+def test_baselines_come_from_whichever_recipe_answered_them(tmp_path):
+    modes = ("closed", "rag", "prag", "combine", "prag-unrelated", "combine-unrelated")
+    write_run(tmp_path / "a-popqa", {**{m: [0, 0] for m in modes}, "rag": [1, 0]})
+    write_run(tmp_path / "b-popqa", {m: [1, 1] for m in modes[2:]})  # a training option: parametric modes alone
+    out = compare(tmp_path, "--plot", str(tmp_path / "f1.png"))
+    assert "| popqa | 2 | 0.000 | 0.500 | 0.000 | 1.000 | +1.000 [+1.000, +1.000] |" in out  # closed, rag from a
+    assert "| popqa | +1.000 [+1.000, +1.000] | +0.500 [" in out  # b: prag - closed, prag - rag
+    assert (tmp_path / "f1.png").stat().st_size > 0
+
+
+def test_no_baselines_in_either_recipe_is_an_error(tmp_path):
+    write_run(tmp_path / "a-popqa", {"prag": [0, 0], "combine": [0, 0]})
+    write_run(tmp_path / "b-popqa", {"prag": [1, 1], "combine": [1, 1]})
+    args = [sys.executable, str(SCRIPT), "--a", str(tmp_path / "a-{dataset}"), "--b", str(tmp_path / "b-{dataset}")]
+    done = subprocess.run([*args, "--datasets", "popqa"], capture_output=True, text=True)
+    assert done.returncode != 0 and "neither recipe's run answered both `closed` and `rag`" in done.stderr
