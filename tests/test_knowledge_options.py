@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from prag import Config, Pipeline, lora
 from prag.augment import Augmentation, _accept_question, answer_first_prompt
@@ -99,6 +99,60 @@ def test_the_format_adapter_is_injected_in_every_mode(tiny_llm, tmp_path):
         hook.remove()
     assert seen and all(b is not None and torch.equal(b, base["down_proj.B"][0]) for b in seen)
     assert layer.A is None  # cleared after answering
+
+
+def _format_adapter(tiny_llm, path, rank=2, metadata=None, targets=("gate_proj", "up_proj", "down_proj")):
+    shapes = LoRAModel(tiny_llm.model, targets).shapes(rank)
+    adapter = {k: v + 0.05 if k.endswith(".B") else v for k, v in init_adapter(shapes, 1).items()}
+    save_file(adapter, str(path), metadata=metadata)
+    return adapter
+
+
+def test_a_format_adapter_keeps_its_delta_under_other_lora_settings(tiny_llm, tmp_path):
+    path = tmp_path / "format.safetensors"
+    trained = _format_adapter(tiny_llm, path, metadata={"scale": "16.0"})  # rank 2, alpha 32, as `prag warmup` records
+    config = Config()
+    config.lora.rank, config.lora.alpha, config.lora.base = 8, 64.0, str(path)  # documents' LoRAs at scale 8
+    config.lora.target_modules = ("q_proj", "gate_proj", "up_proj", "down_proj")  # and on attention too
+    pipeline = Pipeline(tmp_path / "home", config, llm=tiny_llm)
+    base = pipeline.base_adapter
+    for name in ("gate_proj", "down_proj"):
+        assert torch.allclose(lora.delta(base, name, 0, 8.0), lora.delta(trained, name, 0, 16.0))
+    assert base["q_proj.A"].shape[1] == 0 and base["q_proj.B"].shape[2] == 0  # a projection it leaves alone
+    # beside documents' LoRAs on every target, merged and injected, the model runs
+    document = {k: v + 0.01 for k, v in init_adapter(pipeline.lora_model.shapes(8), 2).items()}
+    merged = pipeline.merge([document, document])
+    assert merged["q_proj.A"].shape[1] == 16 and merged["down_proj.A"].shape[1] == 2 + 16
+    pipeline.lora_model.inject(merged, config.lora.scale)
+    try:
+        logits = tiny_llm.model(torch.tensor([[1, 2, 3]])).logits
+    finally:
+        pipeline.lora_model.clear()
+    assert torch.isfinite(logits).all()
+
+    # a file without a recorded scale (written before it was recorded) is taken at the current one
+    save_file(trained, str(path))
+    unscaled = Pipeline(tmp_path / "home2", config, llm=tiny_llm).base_adapter
+    assert torch.equal(unscaled["down_proj.B"], trained["down_proj.B"])
+
+
+def test_warmup_adapters_that_do_not_fit_are_named(tiny_llm, tmp_path):
+    path = tmp_path / "warm.safetensors"
+    _format_adapter(tiny_llm, path, rank=2)
+    config = Config()
+    config.lora.init, config.lora.rank = str(path), 4  # documents would start from a rank-2 LoRA
+    with pytest.raises(ValueError, match=r"needs lora.rank=4 .* it has rank 2"):
+        _ = Pipeline(tmp_path / "home", config, llm=tiny_llm).initial_adapter
+    config = Config()
+    config.lora.base, config.lora.target_modules = str(path), ("down_proj",)
+    with pytest.raises(ValueError, match=r"trained on \['gate_proj', 'up_proj'\], which lora.target_modules"):
+        _ = Pipeline(tmp_path / "home", config, llm=tiny_llm).base_adapter
+    wrong = {k: v[:, :, :-1].contiguous() if k.endswith(".A") else v for k, v in load_file(str(path)).items()}
+    save_file(wrong, str(path))
+    config = Config()
+    config.lora.base = str(path)
+    with pytest.raises(ValueError, match="an adapter of another model"):
+        _ = Pipeline(tmp_path / "home", config, llm=tiny_llm).base_adapter
 
 
 def test_merge_scale_and_mixed_dtypes():

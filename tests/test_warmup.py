@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from prag import Config, Pipeline
 from prag.cli import main
@@ -34,6 +35,8 @@ def test_no_evaluated_question_can_enter_a_warm_up(use, tiny_llm, tmp_path, monk
     # the CLI reads only the tune slice: the 4 questions after the first 100
     assert main(["warmup", "--home", str(home), "--dataset", str(questions), "--out", str(warm), "--quiet"]) == 0
 
+    with safe_open(str(warm), framework="pt") as f:  # what it was trained at, for other LoRA settings
+        assert float(f.metadata()["scale"]) == Config().lora.scale
     config = Config()
     setattr(config.lora, use, str(warm))
     pipeline = Pipeline(home, config, llm=tiny_llm)

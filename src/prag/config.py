@@ -96,7 +96,8 @@ class LoRAConfig:
     init_seed: int = 0  # every document starts from the same random A (B is zero)...
     init: str = ""  # ...or from this warm-up adapter (`prag warmup`), a .safetensors file
     # A format adapter (`prag warmup`), injected in EVERY mode and held fixed while documents are trained on
-    # top of it: it carries the answer format, so document LoRAs need carry only their facts.
+    # top of it: it carries the answer format, so document LoRAs need carry only their facts. It keeps the delta
+    # it was trained with whatever rank, alpha or further target modules the documents' LoRAs use.
     base: str = ""
 
     @property

@@ -561,6 +561,7 @@ def run(
             f"({', '.join(pipeline.warmup_adapter_paths)}; e.g. "
             f"{leaked[:3]}): evaluate other questions, or warm up on the tune slice"
         )
+    pipeline.initial_adapter, pipeline.base_adapter  # noqa: B018  (one that does not fit: say so before any work)
     offline: dict = {"documents_parameterized": 0, "parameterize_s": 0.0}
     if any(m in GENERATED_LORAS for m in modes):
         pipeline.translator  # noqa: B018  (none trained: say so before any work)

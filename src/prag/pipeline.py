@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import Stemmer
+import torch
 from bm25s.stopwords import STOPWORDS_EN_PLUS
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -40,7 +42,7 @@ from . import locality, lora
 from . import translator as dyprag
 from .atomic import atomic_write, atomic_write_text
 from .augment import ANSWER_FIRST_VERSION, augment
-from .config import Config
+from .config import Config, LoRAConfig
 from .corpus import Passage, read_corpus
 from .llm import LLM, MIN_SHARED_PREFIX, SAMPLER_VERSION, PrefixCache
 from .parameterize import (
@@ -260,14 +262,16 @@ class Pipeline:
     def initial_adapter(self) -> lora.Adapter | None:
         """The warm-up adapter every document starts from (`lora.init`), or None for the random init."""
         if self._initial is None and self.config.lora.init:
-            self._initial = {k: v.float() for k, v in load_file(self.config.lora.init).items()}
+            shapes = self.lora_model.shapes(self.config.lora.rank)
+            self._initial = load_warmup_adapter(self.config.lora.init, "init", self.config.lora, shapes)
         return self._initial
 
     @property
     def base_adapter(self) -> lora.Adapter | None:
         """The format adapter (`lora.base`) injected in every mode, or None."""
         if self._base is None and self.config.lora.base:
-            self._base = {k: v.float() for k, v in load_file(self.config.lora.base).items()}
+            shapes = self.lora_model.shapes(self.config.lora.rank)
+            self._base = load_warmup_adapter(self.config.lora.base, "base", self.config.lora, shapes)
         return self._base
 
     def warmup(self, questions: list, out: str | Path, show_progress: bool = True) -> int:
@@ -294,7 +298,14 @@ class Pipeline:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.float().contiguous() for k, v in adapter.items()}
-        metadata = {"questions": str(len(questions)), "question_ids": json.dumps([q.id for q in questions])}
+        metadata = {
+            "questions": str(len(questions)),
+            "question_ids": json.dumps([q.id for q in questions]),
+            # what it was trained at, so that it keeps its delta under other LoRA settings (load_warmup_adapter)
+            "scale": repr(cfg.lora.scale),
+            "rank": str(cfg.lora.rank),
+            "target_modules": json.dumps(list(cfg.lora.target_modules)),
+        }
         atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         return len(sequences)
 
@@ -307,7 +318,6 @@ class Pipeline:
     def warmup_question_ids(self) -> set[str]:
         """The ids of the questions that trained the warm-up or format adapter (`warmup_adapter_paths`); empty
         without either."""
-        from safetensors import safe_open
 
         ids: set[str] = set()
         for path in self.warmup_adapter_paths:
@@ -388,7 +398,6 @@ class Pipeline:
         """What trained the stored translator (documents, question ids, seconds, losses); empty without one."""
         if not self.translator_path.exists():
             return {}
-        from safetensors import safe_open
 
         with safe_open(str(self.translator_path), framework="pt") as f:
             return json.loads((f.metadata() or {}).get("training", "{}"))
@@ -646,6 +655,49 @@ class Pipeline:
             answer.prompt_tokens = len(prepared.prompt)
             answers.append(answer)
         return answers
+
+
+def load_warmup_adapter(path: str, kind: str, config: LoRAConfig, shapes: dict[str, tuple[int, ...]]) -> lora.Adapter:
+    """A `prag warmup` adapter (`lora.init` or `lora.base`), ready to inject at `config.scale`.
+
+    Its B factors take the ratio of the scale it was trained at (recorded in the file; a file without it is
+    taken at this one) to this one, so its delta is the one it learned whatever rank or alpha the documents'
+    LoRAs use. A format adapter (`base`) may cover fewer projections than the documents' LoRAs: rank-0 factors
+    stand in for the rest. A warm-up start (`init`) is where every document's training begins, so it must have
+    their rank and projections. `shapes`: the documents' tensors at `config.rank` (`LoRAModel.shapes`)."""
+    where = f"lora.{kind}={path!r}"
+    adapter = {k: v.float() for k, v in load_file(path).items()}
+    modules = sorted({key.rsplit(".", 1)[0] for key in adapter})
+    extra = [m for m in modules if m not in config.target_modules]
+    if extra:
+        raise ValueError(f"{where}: trained on {extra}, which lora.target_modules {list(config.target_modules)} lacks")
+    for key, tensor in adapter.items():
+        rank_dim = 1 if key.endswith(".A") else 2  # (L, r, in) and (L, out, r)
+        if tensor.dim() != 3 or [d for i, d in enumerate(tensor.shape) if i != rank_dim] != [
+            d for i, d in enumerate(shapes[key]) if i != rank_dim
+        ]:
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(tensor.shape)}, where this model's LoRAs have {shapes[key]} "
+                "(the rank aside): an adapter of another model?"
+            )
+    if kind == "init":
+        rank = adapter[f"{modules[0]}.A"].shape[1]
+        if modules != sorted(config.target_modules) or rank != config.rank:
+            raise ValueError(
+                f"{where}: every document's LoRA starts from it, so it needs lora.rank={config.rank} on "
+                f"{sorted(config.target_modules)}; it has rank {rank} on {modules}"
+            )
+    with safe_open(path, framework="pt") as f:
+        trained_scale = (f.metadata() or {}).get("scale")
+    if trained_scale is not None and float(trained_scale) != config.scale:
+        ratio = float(trained_scale) / config.scale
+        adapter = {k: v * ratio if k.endswith(".B") else v for k, v in adapter.items()}
+    for name in config.target_modules:  # projections the format adapter leaves alone
+        if f"{name}.A" not in adapter:
+            layers, _, n_in = shapes[f"{name}.A"]
+            adapter[f"{name}.A"] = torch.zeros(layers, 0, n_in)
+            adapter[f"{name}.B"] = torch.zeros(layers, shapes[f"{name}.B"][1], 0)
+    return adapter
 
 
 def content_words(text: str) -> set[str]:
