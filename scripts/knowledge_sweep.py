@@ -13,6 +13,7 @@ python scripts/knowledge_sweep.py default=runs/f1/default-hotpotqa "none e3=runs
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from compare import by_mode, fmt, load_run, mean, paired
 
@@ -93,7 +94,7 @@ def plot(rows: list[dict], path: str) -> None:
             ax.hlines(
                 r["rag"], k - 0.45, k + 0.45, color="0.3", linestyle="--", linewidth=1, label="rag" if k == 0 else None
             )
-        ax.set_xticks(list(x), [f"{r['recipe']}\n(n={r['n']})" for r in shown], fontsize=7)
+        ax.set_xticks(list(x), [f"{textwrap.fill(r['recipe'], 14)}\n(n={r['n']})" for r in shown], fontsize=7)
         ax.set_title(f"{dataset}, {shown[0]['slice']} slice")
         ax.set_ylabel("token F1")
         ax.legend(fontsize=6)
