@@ -147,6 +147,10 @@ def test_warmup_adapters_that_do_not_fit_are_named(tiny_llm, tmp_path):
     config.lora.base, config.lora.target_modules = str(path), ("down_proj",)
     with pytest.raises(ValueError, match=r"trained on \['gate_proj', 'up_proj'\], which lora.target_modules"):
         _ = Pipeline(tmp_path / "home", config, llm=tiny_llm).base_adapter
+    save_file({"down_proj.A": torch.zeros(2, 2, 2)}, str(path))  # no B
+    with pytest.raises(ValueError, match=r"not a LoRA adapter .* it holds \['down_proj.A'\]"):
+        _ = Pipeline(tmp_path / "home", config, llm=tiny_llm).base_adapter
+    _format_adapter(tiny_llm, path, rank=2)
     wrong = {k: v[:, :, :-1].contiguous() if k.endswith(".A") else v for k, v in load_file(str(path)).items()}
     save_file(wrong, str(path))
     config = Config()

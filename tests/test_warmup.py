@@ -47,3 +47,20 @@ def test_no_evaluated_question_can_enter_a_warm_up(use, tiny_llm, tmp_path, monk
     report = load_questions(questions, slice="report", limit=1)
     evaluation, _ = run(pipeline, report, ["closed"], top_k=1, show_progress=False)
     assert [r["id"] for r in evaluation.records] == ["q0"]
+
+
+def test_a_warm_up_start_that_does_not_fit_is_named_before_any_work(tiny_llm, tmp_path, monkeypatch):
+    questions = _questions_file(tmp_path)
+    home = tmp_path / "home"
+    Pipeline(home, Config(), llm=tiny_llm).index(DEMO / "corpus.jsonl", show_progress=False)
+    monkeypatch.setattr("prag.llm.LLM.load", classmethod(lambda cls, config: tiny_llm))
+    warm = tmp_path / "warm.safetensors"
+    assert main(["warmup", "--home", str(home), "--dataset", str(questions), "--out", str(warm), "--quiet"]) == 0
+    config = Config()
+    config.lora.init, config.lora.rank = str(warm), 4  # trained at rank 2
+    pipeline = Pipeline(home, config, llm=tiny_llm)
+    report = load_questions(questions, slice="report", limit=1)
+    with pytest.raises(ValueError, match="needs lora.rank=4"):
+        run(pipeline, report, ["prag"], top_k=1, show_progress=False)
+    for store in (pipeline.augmentations, pipeline.adapters):  # no document was augmented or trained first
+        assert not Path(store.root).exists() or not any(Path(store.root).iterdir())

@@ -318,7 +318,6 @@ class Pipeline:
     def warmup_question_ids(self) -> set[str]:
         """The ids of the questions that trained the warm-up or format adapter (`warmup_adapter_paths`); empty
         without either."""
-
         ids: set[str] = set()
         for path in self.warmup_adapter_paths:
             with safe_open(path, framework="pt") as f:
@@ -398,7 +397,6 @@ class Pipeline:
         """What trained the stored translator (documents, question ids, seconds, losses); empty without one."""
         if not self.translator_path.exists():
             return {}
-
         with safe_open(str(self.translator_path), framework="pt") as f:
             return json.loads((f.metadata() or {}).get("training", "{}"))
 
@@ -668,6 +666,8 @@ def load_warmup_adapter(path: str, kind: str, config: LoRAConfig, shapes: dict[s
     where = f"lora.{kind}={path!r}"
     adapter = {k: v.float() for k, v in load_file(path).items()}
     modules = sorted({key.rsplit(".", 1)[0] for key in adapter})
+    if not modules or set(adapter) != {f"{m}.{f}" for m in modules for f in "AB"}:
+        raise ValueError(f"{where}: not a LoRA adapter (an A and a B per projection); it holds {sorted(adapter)}")
     extra = [m for m in modules if m not in config.target_modules]
     if extra:
         raise ValueError(f"{where}: trained on {extra}, which lora.target_modules {list(config.target_modules)} lacks")
