@@ -25,16 +25,21 @@ def _questions_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("use", ["init", "base"])  # a warm-up start, or the format adapter of every mode
-def test_no_evaluated_question_can_enter_a_warm_up(use, tiny_llm, tmp_path, monkeypatch):
+def _warm_up(tiny_llm, tmp_path: Path, monkeypatch) -> tuple[Path, Path, Path]:
+    """An indexed home, the questions file, and the adapter `prag warmup` trained on its tune slice (the 4
+    questions after the first 100, which is all the CLI reads)."""
     questions = _questions_file(tmp_path)
     home = tmp_path / "home"
     Pipeline(home, Config(), llm=tiny_llm).index(DEMO / "corpus.jsonl", show_progress=False)
     monkeypatch.setattr("prag.llm.LLM.load", classmethod(lambda cls, config: tiny_llm))
     warm = tmp_path / "warm.safetensors"
-    # the CLI reads only the tune slice: the 4 questions after the first 100
     assert main(["warmup", "--home", str(home), "--dataset", str(questions), "--out", str(warm), "--quiet"]) == 0
+    return home, questions, warm
 
+
+@pytest.mark.parametrize("use", ["init", "base"])  # a warm-up start, or the format adapter of every mode
+def test_no_evaluated_question_can_enter_a_warm_up(use, tiny_llm, tmp_path, monkeypatch):
+    home, questions, warm = _warm_up(tiny_llm, tmp_path, monkeypatch)
     with safe_open(str(warm), framework="pt") as f:  # what it was trained at, for other LoRA settings
         assert float(f.metadata()["scale"]) == Config().lora.scale
     config = Config()
@@ -50,12 +55,7 @@ def test_no_evaluated_question_can_enter_a_warm_up(use, tiny_llm, tmp_path, monk
 
 
 def test_a_warm_up_start_that_does_not_fit_is_named_before_any_work(tiny_llm, tmp_path, monkeypatch):
-    questions = _questions_file(tmp_path)
-    home = tmp_path / "home"
-    Pipeline(home, Config(), llm=tiny_llm).index(DEMO / "corpus.jsonl", show_progress=False)
-    monkeypatch.setattr("prag.llm.LLM.load", classmethod(lambda cls, config: tiny_llm))
-    warm = tmp_path / "warm.safetensors"
-    assert main(["warmup", "--home", str(home), "--dataset", str(questions), "--out", str(warm), "--quiet"]) == 0
+    home, questions, warm = _warm_up(tiny_llm, tmp_path, monkeypatch)
     config = Config()
     config.lora.init, config.lora.rank = str(warm), 4  # trained at rank 2
     pipeline = Pipeline(home, config, llm=tiny_llm)
