@@ -101,8 +101,8 @@ def test_the_format_adapter_is_injected_in_every_mode(tiny_llm, tmp_path):
     assert layer.A is None  # cleared after answering
 
 
-def _format_adapter(tiny_llm, path, rank=2, metadata=None, targets=("gate_proj", "up_proj", "down_proj")):
-    shapes = LoRAModel(tiny_llm.model, targets).shapes(rank)
+def _format_adapter(tiny_llm, path, rank=2, metadata=None):
+    shapes = LoRAModel(tiny_llm.model, ("gate_proj", "up_proj", "down_proj")).shapes(rank)
     adapter = {k: v + 0.05 if k.endswith(".B") else v for k, v in init_adapter(shapes, 1).items()}
     save_file(adapter, str(path), metadata=metadata)
     return adapter

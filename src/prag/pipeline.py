@@ -35,7 +35,7 @@ import Stemmer
 import torch
 from bm25s.stopwords import STOPWORDS_EN_PLUS
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import locality, lora
@@ -301,10 +301,9 @@ class Pipeline:
         metadata = {
             "questions": str(len(questions)),
             "question_ids": json.dumps([q.id for q in questions]),
-            # what it was trained at, so that it keeps its delta under other LoRA settings (load_warmup_adapter)
+            # what it was trained at, so that it keeps its delta under other LoRA settings (load_warmup_adapter;
+            # its rank and projections are the tensors' own)
             "scale": repr(cfg.lora.scale),
-            "rank": str(cfg.lora.rank),
-            "target_modules": json.dumps(list(cfg.lora.target_modules)),
         }
         atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         return len(sequences)
@@ -664,7 +663,9 @@ def load_warmup_adapter(path: str, kind: str, config: LoRAConfig, shapes: dict[s
     stand in for the rest. A warm-up start (`init`) is where every document's training begins, so it must have
     their rank and projections. `shapes`: the documents' tensors at `config.rank` (`LoRAModel.shapes`)."""
     where = f"lora.{kind}={path!r}"
-    adapter = {k: v.float() for k, v in load_file(path).items()}
+    with safe_open(path, framework="pt") as f:  # tensors and the recorded scale in one read
+        adapter = {key: f.get_tensor(key).float() for key in f.keys()}
+        trained_scale = (f.metadata() or {}).get("scale")
     modules = sorted({key.rsplit(".", 1)[0] for key in adapter})
     if not modules or set(adapter) != {f"{m}.{f}" for m in modules for f in "AB"}:
         raise ValueError(f"{where}: not a LoRA adapter (an A and a B per projection); it holds {sorted(adapter)}")
@@ -687,8 +688,6 @@ def load_warmup_adapter(path: str, kind: str, config: LoRAConfig, shapes: dict[s
                 f"{where}: every document's LoRA starts from it, so it needs lora.rank={config.rank} on "
                 f"{sorted(config.target_modules)}; it has rank {rank} on {modules}"
             )
-    with safe_open(path, framework="pt") as f:
-        trained_scale = (f.metadata() or {}).get("scale")
     if trained_scale is not None and float(trained_scale) != config.scale:
         ratio = float(trained_scale) / config.scale
         adapter = {k: v * ratio if k.endswith(".B") else v for k, v in adapter.items()}
